@@ -1,0 +1,181 @@
+//! The request path: one app request in, one upstream request out, the upstream's response streamed back.
+//!
+//! Phases, in order (see `docs/request-path.md`):
+//! 1. **snapshot**: one `ArcSwap` load of the policy view;
+//! 2. **guard**: head size limit;
+//! 3. **route**: `target` / `internal` headers or dispatch rules pick the upstream ([`super::route`]);
+//! 4. **rewrite**: upstream URI, hop-by-hop and sidecar headers removed, `Host`, patch, `X-Forwarded-For`;
+//! 5. **send**: the request body streams to the upstream with back pressure, under the request timeout;
+//! 6. **respond**: status and end-to-end headers relayed as they are, the body streamed with its framing.
+//!
+//! Any failure becomes a [`ProxyError`] response. No lock, no actor round trip, no header copy: the app's
+//! header map is moved into the upstream request and the upstream's into the response.
+
+use std::cell::RefCell;
+use std::mem;
+
+use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
+use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap};
+use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
+
+use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
+use super::route::route;
+use crate::error::{Cause, ProxyError};
+use crate::snapshot::SharedSnapshot;
+
+/// Request heads above this size are refused with 431 (the HTTP codec refuses those over 128 KiB itself).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+type Upstream = awc::ClientResponse;
+/// The response body: the upstream's, with or without a known length, or the sidecar's own error body.
+pub type ProxyBody = EitherBody<EitherBody<SizedStream<Upstream>, BodyStream<Upstream>>, BoxBody>;
+
+/// One worker's forwarder: the shared snapshot and the worker's own upstream client.
+pub struct Forwarder {
+    snapshot: SharedSnapshot,
+    client: awc::Client,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder").finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    pub fn new(snapshot: SharedSnapshot, client: awc::Client) -> Self {
+        Self { snapshot, client }
+    }
+
+    /// Handles one app request. Never fails: errors become responses.
+    pub async fn handle(&self, req: Request) -> Response<ProxyBody> {
+        match self.forward(req).await {
+            Ok(res) => res,
+            Err(e) => {
+                tracing::debug!(cause = %e.cause, target = %e.target, detail = %e.detail, "request refused");
+                e.to_response().map_body(|_, b| EitherBody::right(b))
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request) -> Result<Response<ProxyBody>, ProxyError> {
+        let peer = req.peer_addr();
+        let (mut head, payload) = req.into_parts();
+
+        let snapshot = self.snapshot.load();
+        if head_size(&head) > MAX_HEAD_BYTES {
+            return Err(ProxyError::new(
+                Cause::HeadersTooLarge,
+                "",
+                format!(
+                    "the request header section is over {} KiB",
+                    MAX_HEAD_BYTES / 1024
+                ),
+            ));
+        }
+        let route = route(&snapshot, &head.headers)?;
+        let uri = route
+            .upstream
+            .uri_for(&head.uri)
+            .map_err(|why| ProxyError::new(Cause::BadTarget, route.upstream.to_string(), why))?;
+
+        let body = request_body(&head);
+        let mut headers = mem::take(&mut head.headers);
+        strip_request(&mut headers);
+        headers.insert(HOST, route.upstream.host_header().clone());
+        for (name, value) in route.patch {
+            headers.insert(name.clone(), value.clone());
+        }
+        if route.forwarded_for
+            && let Some(peer) = peer
+        {
+            append_forwarded_for(&mut headers, peer.ip());
+        }
+
+        let method = mem::replace(&mut head.method, Method::GET);
+        let is_head = method == Method::HEAD;
+        let mut upstream = self
+            .client
+            .request(method, uri)
+            .timeout(route.request_timeout)
+            .no_decompress();
+        *upstream.headers_mut() = headers;
+        let sending = match body {
+            // `send()` would add `content-length: 0` to every GET.
+            BodySize::None => upstream.send_body(body::None::new()),
+            BodySize::Sized(0) => upstream.send_body(()),
+            BodySize::Sized(n) => upstream.send_body(SizedStream::new(n, payload)),
+            BodySize::Stream => upstream.send_stream(payload),
+        };
+        let response = sending
+            .await
+            .map_err(|e| ProxyError::from_send(&e, route.upstream.to_string()))?;
+
+        Ok(relay(response, is_head))
+    }
+}
+
+/// The framing of the app's request body, read before its headers are moved.
+fn request_body(head: &RequestHead) -> BodySize {
+    if head
+        .headers
+        .contains_key(actix_http::header::TRANSFER_ENCODING)
+    {
+        // The codec has already refused anything but a final `chunked` coding.
+        return BodySize::Stream;
+    }
+    match head.headers.get(CONTENT_LENGTH) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(BodySize::None, BodySize::Sized),
+        None => BodySize::None,
+    }
+}
+
+/// Turns the upstream's response into the app's: status and end-to-end headers as they are (the header map is
+/// moved, not copied), the body streamed with the upstream's framing.
+fn relay(response: awc::ClientResponse, is_head: bool) -> Response<ProxyBody> {
+    let status = response.status();
+    let taken = RefCell::new(HeaderMap::new());
+    let response = response.map_body(|head, payload: Payload<_>| {
+        *taken.borrow_mut() = mem::take(&mut head.headers);
+        payload
+    });
+    let mut headers = taken.into_inner();
+    strip_hop_by_hop(&mut headers);
+
+    let length = if is_head || status == StatusCode::NOT_MODIFIED {
+        // No body follows; keep the upstream's Content-Length as it is.
+        headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    } else {
+        response_length(&headers, status)
+    };
+    let body = match length {
+        Some(n) => EitherBody::left(EitherBody::left(SizedStream::new(n, response))),
+        None => EitherBody::left(EitherBody::right(BodyStream::new(response))),
+    };
+    let mut res = Response::with_body(status, body);
+    *res.headers_mut() = headers;
+    res
+}
+
+fn response_length(headers: &HeaderMap, status: StatusCode) -> Option<u64> {
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        return Some(0);
+    }
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+// Keep the body type honest: both arms must be message bodies for `Response<ProxyBody>`.
+const _: fn() = || {
+    fn is_body<B: MessageBody>() {}
+    is_body::<ProxyBody>();
+};

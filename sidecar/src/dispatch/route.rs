@@ -1,0 +1,199 @@
+//! Route selection: from a request's headers and the snapshot to one upstream, with the patch to apply.
+//!
+//! Pure and synchronous: no I/O, no locks, no actor. A `target` header wins; dispatch rules decide for requests
+//! without one; with neither the request is refused.
+
+use std::time::Duration;
+
+use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::headers::{INTERNAL, TARGET};
+use super::target::Upstream;
+use crate::error::{Cause, ProxyError};
+use crate::snapshot::Snapshot;
+
+/// Where one request goes and what is done to it on the way.
+#[derive(Debug)]
+pub struct Route<'a> {
+    pub upstream: Dest<'a>,
+    /// Headers set on the upstream request (dispatch rules' `patch`), replacing the app's.
+    pub patch: &'a [(HeaderName, HeaderValue)],
+    /// Append the client address to `X-Forwarded-For` (dispatch rules, as the seed does).
+    pub forwarded_for: bool,
+    pub request_timeout: Duration,
+    /// The service name, for `internal: true` targets.
+    pub service: Option<&'a str>,
+}
+
+/// An upstream parsed for this request (a `target` URL) or borrowed from the snapshot.
+#[derive(Debug)]
+pub enum Dest<'a> {
+    Owned(Upstream),
+    Shared(&'a Upstream),
+}
+
+impl std::ops::Deref for Dest<'_> {
+    type Target = Upstream;
+    fn deref(&self) -> &Upstream {
+        match self {
+            Dest::Owned(u) => u,
+            Dest::Shared(u) => u,
+        }
+    }
+}
+
+/// Picks the route for a request.
+pub fn route<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Result<Route<'a>, ProxyError> {
+    if let Some(target) = headers.get(TARGET) {
+        return route_target(snapshot, target, headers.get(INTERNAL));
+    }
+    match &snapshot.dispatch {
+        Some(rules) => {
+            let rewrite = rules.select(headers);
+            Ok(Route {
+                upstream: Dest::Shared(&rewrite.destination),
+                patch: &rewrite.patch,
+                forwarded_for: true,
+                request_timeout: snapshot.request_timeout,
+                service: None,
+            })
+        }
+        None => Err(ProxyError::new(
+            Cause::MissingTarget,
+            "",
+            "the request has no `target` header and no dispatch rules are configured",
+        )),
+    }
+}
+
+fn route_target<'a>(
+    snapshot: &'a Snapshot,
+    target: &HeaderValue,
+    internal: Option<&HeaderValue>,
+) -> Result<Route<'a>, ProxyError> {
+    let text = target.to_str().map_err(|_| {
+        ProxyError::new(
+            Cause::BadTarget,
+            "",
+            "the `target` header is not visible ASCII",
+        )
+    })?;
+    let internal = match internal.map(|v| v.as_bytes().trim_ascii()) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case(b"true") => true,
+        Some(v) if v.eq_ignore_ascii_case(b"false") => false,
+        Some(_) => {
+            return Err(ProxyError::new(
+                Cause::BadInternal,
+                text,
+                "the `internal` header must be `true` or `false`",
+            ));
+        }
+    };
+    if internal {
+        let name = text.trim();
+        let service = snapshot.services.get(name).ok_or_else(|| {
+            ProxyError::new(
+                Cause::UnknownService,
+                name,
+                format!("no service named {name:?} in the service registry"),
+            )
+        })?;
+        let upstream = service.pick().ok_or_else(|| {
+            ProxyError::new(Cause::NoEndpoints, name, "the service has no endpoints")
+        })?;
+        return Ok(Route {
+            upstream: Dest::Shared(upstream),
+            patch: &[],
+            forwarded_for: false,
+            request_timeout: service.request_timeout,
+            service: Some(&service.name),
+        });
+    }
+    let upstream = Upstream::parse(text).map_err(|why| {
+        let detail = if text.contains("://") {
+            format!("`target` {why}")
+        } else {
+            format!("`target` {why} (a service name needs `internal: true`)")
+        };
+        ProxyError::new(Cause::BadTarget, text, detail)
+    })?;
+    Ok(Route {
+        upstream: Dest::Owned(upstream),
+        patch: &[],
+        forwarded_for: false,
+        request_timeout: snapshot.request_timeout,
+        service: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        Snapshot::from_policy(&Policy::from_yaml("t.yaml", yaml).unwrap())
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    const WITH_RULES: &str = "services:\n  orders:\n    endpoints: ['10.0.0.1:80', '10.0.0.2:80']\ndispatch:\n  key: environment\n  destination: http://default:1\n  rewrites:\n    dev:\n      destination: http://dev:1\n      patch:\n        - key: Host\n          val: example.com\n";
+
+    #[test]
+    fn target_wins_over_dispatch_rules() {
+        let s = snapshot(WITH_RULES);
+        let r = route(
+            &s,
+            &headers(&[("target", "http://t:9/x"), ("environment", "dev")]),
+        )
+        .unwrap();
+        assert_eq!(r.upstream.to_string(), "http://t:9/x");
+        assert!(r.patch.is_empty());
+    }
+
+    #[test]
+    fn dispatch_rules_match_the_value_exactly() {
+        let s = snapshot(WITH_RULES);
+        let dev = route(&s, &headers(&[("environment", "dev")])).unwrap();
+        assert_eq!(dev.upstream.to_string(), "http://dev:1");
+        assert_eq!(dev.patch.len(), 1);
+        let other = route(&s, &headers(&[("environment", "Dev")])).unwrap();
+        assert_eq!(other.upstream.to_string(), "http://default:1");
+        let missing = route(&s, &headers(&[])).unwrap();
+        assert_eq!(missing.upstream.to_string(), "http://default:1");
+        assert!(missing.forwarded_for);
+    }
+
+    #[test]
+    fn internal_targets_resolve_through_the_registry_in_turn() {
+        let s = snapshot(WITH_RULES);
+        let h = headers(&[("target", "orders"), ("internal", "TRUE")]);
+        let a = route(&s, &h).unwrap().upstream.to_string();
+        let b = route(&s, &h).unwrap().upstream.to_string();
+        assert_ne!(a, b);
+        let unknown = route(
+            &s,
+            &headers(&[("target", "payments"), ("internal", "true")]),
+        );
+        assert_eq!(unknown.unwrap_err().cause, Cause::UnknownService);
+    }
+
+    #[test]
+    fn refusals_are_precise() {
+        let s = snapshot("{}");
+        let cause = |h| route(&s, &h).unwrap_err().cause;
+        assert_eq!(cause(headers(&[])), Cause::MissingTarget);
+        assert_eq!(cause(headers(&[("target", "orders")])), Cause::BadTarget);
+        assert_eq!(
+            cause(headers(&[("target", "orders"), ("internal", "yes")])),
+            Cause::BadInternal
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! The responses the sidecar makes itself, and the one table that maps their causes to status codes.
+//!
+//! Every such response carries `x-sidecar-error: <cause>` and a short JSON body naming the cause and the target,
+//! so an app (or its operator) can always tell a sidecar failure from an upstream answer. None is ever a 2xx.
+
+use std::fmt;
+use std::io;
+
+use actix_http::body::BoxBody;
+use actix_http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_http::{Response, StatusCode};
+use awc::error::{ConnectError, SendRequestError};
+
+/// The header naming the cause on every response the sidecar makes itself.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-sidecar-error");
+
+/// Why the sidecar answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// No `target` header and no dispatch rules.
+    MissingTarget,
+    /// The `target` header is not an absolute http(s) URL (or service name with `internal: true`).
+    BadTarget,
+    /// The `internal` header is neither `true` nor `false`.
+    BadInternal,
+    /// The request header section is over the limit.
+    HeadersTooLarge,
+    /// `internal: true` named a service the registry does not know.
+    UnknownService,
+    /// The service exists but has no endpoint to send to.
+    NoEndpoints,
+    /// The upstream refused the connection.
+    UpstreamRefused,
+    /// The upstream's name did not resolve.
+    UpstreamUnresolvable,
+    /// The connection failed or was reset before a complete response head arrived.
+    UpstreamReset,
+    /// The upstream answered with something that is not HTTP.
+    UpstreamProtocol,
+    /// The TLS handshake with the upstream failed.
+    UpstreamTls,
+    /// Connecting took longer than the connect timeout.
+    ConnectTimeout,
+    /// The response head did not arrive within the request timeout.
+    RequestTimeout,
+    /// The app's request body failed while it was being sent.
+    RequestBody,
+}
+
+impl Cause {
+    /// The table: one status per cause.
+    pub fn status(self) -> StatusCode {
+        use Cause::*;
+        match self {
+            MissingTarget | BadTarget | BadInternal | RequestBody => StatusCode::BAD_REQUEST,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
+            | UpstreamTls => StatusCode::BAD_GATEWAY,
+            UnknownService | NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ConnectTimeout | RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The short cause, as it appears in `x-sidecar-error`.
+    pub fn as_str(self) -> &'static str {
+        use Cause::*;
+        match self {
+            MissingTarget => "missing-target",
+            BadTarget => "bad-target",
+            BadInternal => "bad-internal-header",
+            HeadersTooLarge => "headers-too-large",
+            UnknownService => "unknown-service",
+            NoEndpoints => "no-endpoints",
+            UpstreamRefused => "upstream-refused",
+            UpstreamUnresolvable => "upstream-unresolvable",
+            UpstreamReset => "upstream-reset",
+            UpstreamProtocol => "upstream-protocol-error",
+            UpstreamTls => "upstream-tls-error",
+            ConnectTimeout => "connect-timeout",
+            RequestTimeout => "request-timeout",
+            RequestBody => "request-body-error",
+        }
+    }
+
+    /// Every cause, for documentation tests.
+    pub const ALL: [Cause; 14] = {
+        use Cause::*;
+        [
+            MissingTarget,
+            BadTarget,
+            BadInternal,
+            HeadersTooLarge,
+            UnknownService,
+            NoEndpoints,
+            UpstreamRefused,
+            UpstreamUnresolvable,
+            UpstreamReset,
+            UpstreamProtocol,
+            UpstreamTls,
+            ConnectTimeout,
+            RequestTimeout,
+            RequestBody,
+        ]
+    };
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure of the sidecar's own: the cause, the target it concerned and a human detail.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub cause: Cause,
+    pub target: String,
+    pub detail: String,
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.cause, self.target, self.detail)
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+impl ProxyError {
+    pub fn new(cause: Cause, target: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            cause,
+            target: target.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies an upstream client error.
+    pub fn from_send(err: &SendRequestError, target: impl Into<String>) -> Self {
+        let cause = match err {
+            SendRequestError::Url(_) => Cause::BadTarget,
+            SendRequestError::Connect(c) => match c {
+                ConnectError::Timeout => Cause::ConnectTimeout,
+                ConnectError::Resolver(_) | ConnectError::NoRecords | ConnectError::Unresolved => {
+                    Cause::UpstreamUnresolvable
+                }
+                ConnectError::SslIsNotSupported => Cause::UpstreamTls,
+                ConnectError::Io(e) => classify_io(e),
+                _ => Cause::UpstreamReset,
+            },
+            SendRequestError::Send(e) => classify_io(e),
+            SendRequestError::Response(actix_http::error::ParseError::Io(e)) => classify_io(e),
+            SendRequestError::Response(actix_http::error::ParseError::Incomplete) => {
+                Cause::UpstreamReset
+            }
+            SendRequestError::Response(_) => Cause::UpstreamProtocol,
+            SendRequestError::Timeout => Cause::RequestTimeout,
+            SendRequestError::Body(_) => Cause::RequestBody,
+            _ => Cause::UpstreamReset,
+        };
+        Self::new(cause, target, err.to_string())
+    }
+
+    /// The response the app receives.
+    pub fn to_response(&self) -> Response<BoxBody> {
+        let cause = self.cause;
+        let body = serde_json::json!({
+            "error": cause.as_str(),
+            "status": cause.status().as_u16(),
+            "target": self.target,
+            "detail": self.detail,
+        })
+        .to_string();
+        let mut res = Response::with_body(cause.status(), BoxBody::new(body));
+        let headers = res.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(cause.as_str()));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if cause == Cause::RequestBody || cause == Cause::HeadersTooLarge {
+            // The request stream is in an unknown state: never read another request from it.
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        res
+    }
+}
+
+fn classify_io(e: &io::Error) -> Cause {
+    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        return Cause::UpstreamTls;
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Cause::UpstreamRefused,
+        io::ErrorKind::TimedOut => Cause::ConnectTimeout,
+        io::ErrorKind::InvalidData => Cause::UpstreamProtocol,
+        _ => Cause::UpstreamReset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sidecar_never_answers_2xx_for_itself() {
+        for cause in Cause::ALL {
+            let s = cause.status();
+            assert!(
+                s.is_client_error() || s.is_server_error(),
+                "{cause} maps to {s}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_response_names_cause_and_target() {
+        let res = ProxyError::new(Cause::UpstreamRefused, "http://h:1", "connection refused")
+            .to_response();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(res.headers().get(ERROR_HEADER).unwrap(), "upstream-refused");
+        assert_eq!(res.headers().get(CONTENT_TYPE).unwrap(), "application/json");
+    }
+}

@@ -1,0 +1,27 @@
+//! sidecar: a single-container service-mesh sidecar. An app sends its outbound HTTP calls to
+//! `localhost:5000`, naming the destination with a `target` header (or letting dispatch rules choose), and the
+//! sidecar forwards them transparently, applying the operator's policies.
+//!
+//! # Layout
+//!
+//! Two planes. The **data plane** is the request path: lock-free, it reads one snapshot per request and never
+//! waits on an actor. The **control plane** owns state and timers and publishes snapshots.
+//!
+//! - [`policy`]: the policy files' model, validation, the seed dispatcher's `config.yaml` format.
+//! - [`snapshot`]: the coherent, atomically swapped view of the policy that the request path reads.
+//! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
+//! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
+//! - [`server`]: listeners; `start` builds the egress listener on a pre-bound socket.
+
+pub mod dispatch;
+pub mod error;
+pub mod policy;
+pub mod server;
+pub mod snapshot;
+
+/// Installs ring as the process's rustls crypto provider, so that no second provider compiled into the tree
+/// can make `ServerConfig::builder()` panic. Idempotent.
+pub fn install_crypto_provider() {
+    // Err only means a provider was already installed, which is what we want.
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,241 @@
+//! When the sidecar answers for itself: a precise status, `x-sidecar-error`, a JSON body naming cause and
+//! target, and never a 2xx. Framing attacks are refused before anything is forwarded.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Conn, RawUpstream, Reply, Sidecar, get, response};
+use tokio::io::AsyncWriteExt;
+
+fn assert_refused(reply: &Reply, status: u16, cause: &str) {
+    assert_eq!(reply.status, status, "{}\n{}", reply.head, reply.text());
+    assert_eq!(
+        reply.header("x-sidecar-error"),
+        Some(cause),
+        "{}",
+        reply.head
+    );
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert_eq!(body["error"], cause);
+    assert_eq!(body["status"], status);
+}
+
+#[actix_rt::test]
+async fn without_target_or_dispatch_rules_the_request_is_refused_with_400() {
+    let sidecar = Sidecar::start("{}");
+    assert_refused(&get(sidecar.addr, "/", &[]).await, 400, "missing-target");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_targets_and_internal_values_are_precise_400s() {
+    let sidecar = Sidecar::start("{}");
+    let reply = get(sidecar.addr, "/", &[("target", "ftp://files/x")]).await;
+    assert_refused(&reply, 400, "bad-target");
+    assert_eq!(reply.json()["target"], "ftp://files/x");
+    let reply = get(sidecar.addr, "/", &[("target", "orders")]).await;
+    assert_refused(&reply, 400, "bad-target");
+    assert!(
+        reply.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("internal: true")
+    );
+    let reply = get(
+        sidecar.addr,
+        "/",
+        &[("target", "orders"), ("internal", "maybe")],
+    )
+    .await;
+    assert_refused(&reply, 400, "bad-internal-header");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_unknown_service_is_an_error_never_a_guess() {
+    let upstream = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}']\n",
+        upstream.addr
+    ));
+    let reply = get(
+        sidecar.addr,
+        "/",
+        &[("target", "payments"), ("internal", "true")],
+    )
+    .await;
+    assert_refused(&reply, 503, "unknown-service");
+    assert_eq!(reply.json()["target"], "payments");
+    assert!(upstream.received().is_empty());
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_upstream_that_refuses_connections_gives_502() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("http://{}/x", closed.local_addr().unwrap());
+    drop(closed);
+    let sidecar = Sidecar::start("{}");
+    let reply = get(sidecar.addr, "/", &[("target", &target)]).await;
+    assert_refused(&reply, 502, "upstream-refused");
+    assert_eq!(reply.json()["target"], target);
+    // The sidecar is still there.
+    assert_refused(
+        &get(sidecar.addr, "/", &[("target", &target)]).await,
+        502,
+        "upstream-refused",
+    );
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_upstream_that_never_answers_gives_504_after_the_request_timeout() {
+    let upstream = RawUpstream::silent().await;
+    let sidecar = Sidecar::start("defaults:\n  timeouts:\n    request: 300ms\n");
+    let started = std::time::Instant::now();
+    let reply = get(sidecar.addr, "/", &[("target", &upstream.url(""))]).await;
+    assert_refused(&reply, 504, "request-timeout");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_service_timeout_overrides_the_default() {
+    let upstream = RawUpstream::silent().await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  slow:\n    endpoints: ['{}']\n    timeouts:\n      request: 100ms\n",
+        upstream.addr
+    ));
+    let reply = get(
+        sidecar.addr,
+        "/",
+        &[("target", "slow"), ("internal", "true")],
+    )
+    .await;
+    assert_refused(&reply, 504, "request-timeout");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_upstream_that_hangs_up_gives_502_reset() {
+    let upstream =
+        RawUpstream::start(|_| b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-len".to_vec())
+            .await;
+    let sidecar = Sidecar::start("{}");
+    let reply = get(sidecar.addr, "/", &[("target", &upstream.url(""))]).await;
+    assert_refused(&reply, 502, "upstream-reset");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_upstream_that_speaks_something_else_gives_502() {
+    let upstream = RawUpstream::start(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
+    let sidecar = Sidecar::start("{}");
+    let reply = get(sidecar.addr, "/", &[("target", &upstream.url(""))]).await;
+    assert_refused(&reply, 502, "upstream-protocol-error");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_body_cut_short_by_the_upstream_is_never_passed_off_as_complete() {
+    let upstream = RawUpstream::start(|_| {
+        response(
+            200,
+            &[("content-length", "100"), ("connection", "close")],
+            b"only ten b",
+        )
+    })
+    .await;
+    let sidecar = Sidecar::start("{}");
+    let mut conn = Conn::open(sidecar.addr).await;
+    let raw = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\ntarget: {}\r\n\r\n",
+        upstream.url("")
+    );
+    conn.send(raw.as_bytes()).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        support::DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(&mut conn_stream(&mut conn), &mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection was left hanging");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("content-length: 100"), "{text}");
+    let body = &buf[support::find(&buf, b"\r\n\r\n").unwrap() + 4..];
+    assert!(
+        body.len() < 100,
+        "a short body was padded or completed: {}",
+        body.len()
+    );
+    sidecar.stop().await;
+}
+
+fn conn_stream(conn: &mut Conn) -> &mut tokio::net::TcpStream {
+    conn.stream_mut()
+}
+
+#[actix_rt::test]
+async fn content_length_with_transfer_encoding_is_refused_and_nothing_is_smuggled() {
+    let upstream = RawUpstream::ok().await;
+    let sidecar = Sidecar::start("{}");
+    let target = upstream.url("");
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\n\r\n");
+    let raw = format!(
+        "POST /front HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\ncontent-length: {}\r\n\
+         transfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+        5 + smuggled.len()
+    );
+    let mut conn = Conn::open(sidecar.addr).await;
+    conn.send(raw.as_bytes()).await;
+    let reply = conn.read(false).await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        conn.closed().await,
+        "the connection stayed open after a framing error"
+    );
+    // Prove the upstream is reachable and saw only this later, honest request.
+    assert_eq!(
+        get(sidecar.addr, "/after", &[("target", &target)])
+            .await
+            .status,
+        200
+    );
+    let seen = upstream.wait_for(1).await;
+    let paths: Vec<_> = seen.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(paths, ["/after"]);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_header_section_over_64_kib_gets_431() {
+    let upstream = RawUpstream::ok().await;
+    let sidecar = Sidecar::start("{}");
+    let target = upstream.url("");
+    for size in [70 * 1024, 200 * 1024] {
+        let big = "a".repeat(size);
+        let mut conn = Conn::open(sidecar.addr).await;
+        let raw = format!("GET / HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\nx-big: {big}\r\n\r\n");
+        // The sidecar may answer and close before reading everything; a failed write is fine.
+        let _ = conn.stream_mut().write_all(raw.as_bytes()).await;
+        assert_eq!(conn.read(false).await.status, 431, "{size} bytes");
+    }
+    // Just under the limit still passes.
+    let fine = "a".repeat(60 * 1024);
+    assert_eq!(
+        get(sidecar.addr, "/", &[("target", &target), ("x-fine", &fine)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(upstream.received().len(), 1);
+    sidecar.stop().await;
+}
