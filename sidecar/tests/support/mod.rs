@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod process;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

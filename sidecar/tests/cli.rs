@@ -1,0 +1,172 @@
+//! The binary: start-up, the seed dispatcher's configuration habits, and `sidecar check`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod support;
+
+use support::process::{SidecarProcess, run_to_end, sidecar_bin};
+use support::{RawUpstream, get, request};
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sidecar-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn check_accepts_the_embedded_default() {
+    let mut cmd = sidecar_bin();
+    cmd.arg("check")
+        .env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_POLICY");
+    let out = run_to_end(cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedded default policy: ok"));
+}
+
+#[test]
+fn check_lists_services_and_fails_with_every_error() {
+    let dir = temp_dir("check");
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "services:\n  orders:\n    endpoints: ['127.0.0.1:8080']\n",
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("check").arg(&good).current_dir(&dir);
+    let out = run_to_end(cmd);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("service orders: 1 endpoint(s) [http://127.0.0.1:8080]")
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "services:\n  a:\n    endpoints: []\n  b:\n    endpoints: ['nope']\n",
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("check").arg(&bad).current_dir(&dir);
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services.a.endpoints: must list at least one endpoint"),
+        "{err}"
+    );
+    assert!(err.contains("services.b.endpoints[0]"), "{err}");
+}
+
+#[test]
+fn a_missing_dispatch_config_stops_start_up_naming_the_file() {
+    let dir = temp_dir("missing");
+    let mut cmd = sidecar_bin();
+    cmd.env("SIDECAR_CONFIG", dir.join("nope.yaml"))
+        .env("SIDECAR_PORT", "0");
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nope.yaml: cannot read dispatch config"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_invalid_dispatch_config_stops_start_up_with_line_and_reason() {
+    let dir = temp_dir("invalid");
+    let file = dir.join("config.yaml");
+    std::fs::write(&file, "key: environment\ndestinaton: http://example.org\n").unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.env("SIDECAR_CONFIG", &file).env("SIDECAR_PORT", "0");
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.yaml:2:1: unknown field `destinaton`"),
+        "{err}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_seed_config_yaml_in_the_working_directory_runs_unchanged() {
+    let upstream = RawUpstream::ok().await;
+    let dir = temp_dir("seed");
+    std::fs::write(
+        dir.join("config.yaml"),
+        format!(
+            "rewrites:\n  dev:\n    patch:\n      - key: Host\n        val: example.com\n      - key: dispatched\n        val: true\n    destination: {}\nkey: environment\ndestination: {}\n",
+            upstream.url(""),
+            upstream.url("/default")
+        ),
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.current_dir(&dir)
+        .env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_POLICY");
+    let sidecar = SidecarProcess::spawn(cmd);
+
+    assert_eq!(
+        get(sidecar.addr, "/x", &[("environment", "dev")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request(sidecar.addr, "GET /y HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .status,
+        200
+    );
+    let seen = upstream.wait_for(2).await;
+    assert_eq!(seen[0].target, "/x");
+    assert_eq!(seen[0].header("host"), Some("example.com"));
+    assert_eq!(seen[0].header("dispatched"), Some("true"));
+    assert_eq!(seen[1].target, "/default/y");
+}
+
+#[actix_rt::test]
+async fn sidecar_port_accepts_the_seed_form_with_a_colon() {
+    let upstream = RawUpstream::ok().await;
+    let port = support::process::free_port();
+    let mut cmd = sidecar_bin();
+    cmd.env("SIDECAR_PORT", format!(":{port}"))
+        .env_remove("SIDECAR_CONFIG");
+    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "never listened on {addr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        get(addr, "/", &[("target", &upstream.url(""))])
+            .await
+            .status,
+        200
+    );
+}

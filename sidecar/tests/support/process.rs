@@ -1,0 +1,104 @@
+//! The real `sidecar` binary as a child process: for start-up behaviour, the command line, and memory bounds
+//! measured on the sidecar alone.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn sidecar_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sidecar"))
+}
+
+/// Runs the binary to completion with a deadline (for `check` and failed starts).
+pub fn run_to_end(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sidecar");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(super::DEADLINE) {
+        Ok(out) => out.expect("sidecar output"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("the sidecar did not exit within {:?}", super::DEADLINE);
+        }
+    }
+}
+
+/// A free loopback port (bound and released, for processes that take a port number).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running sidecar process, killed on drop.
+pub struct SidecarProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl SidecarProcess {
+    /// Starts the binary with `SIDECAR_PORT` set and waits until it accepts connections.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = cmd
+            .env("SIDECAR_PORT", port.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sidecar");
+        let mut process = Self { addr, child };
+        process.wait_ready();
+        process
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the sidecar exited before listening: {status}");
+            }
+            assert!(
+                start.elapsed() < super::DEADLINE,
+                "the sidecar never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        status_kib(&format!("/proc/{}/status", self.child.id()), "VmHWM:") * 1024
+    }
+
+    /// Current resident memory (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        status_kib(&format!("/proc/{}/status", self.child.id()), "VmRSS:") * 1024
+    }
+}
+
+fn status_kib(path: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(Path::new(path)).expect("read /proc status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a memory figure")
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
