@@ -199,7 +199,7 @@ busy_builds() { # cargo/rustc processes that would distort the figures
     local f c
     for f in /proc/[0-9]*/comm; do
         c=$(cat "$f" 2>/dev/null) || continue
-        if [[ $c == cargo || $c == rustc ]]; then echo "$c"; fi
+        case $c in cargo | cargo-* | rustc | clippy-driver | rustdoc) echo "$c" ;; esac
     done | sort | uniq -c | tr '\n' ' '
 }
 

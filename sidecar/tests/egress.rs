@@ -293,3 +293,31 @@ async fn internal_targets_go_to_the_registrys_endpoints() {
     );
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn expect_continue_is_answered_by_the_sidecar_and_not_forwarded() {
+    let upstream = RawUpstream::start(|req| {
+        let body = String::from_utf8_lossy(&req.body).into_owned();
+        response(
+            200,
+            &[("content-length", &body.len().to_string())],
+            body.as_bytes(),
+        )
+    })
+    .await;
+    let sidecar = Sidecar::start(NO_POLICY);
+    let mut conn = Conn::open(sidecar.addr).await;
+    let head = format!(
+        "PUT /e HTTP/1.1\r\nhost: x\r\ntarget: {}\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n",
+        upstream.url("")
+    );
+    conn.send(head.as_bytes()).await;
+    assert_eq!(conn.read(false).await.status, 100);
+    conn.send(b"data").await;
+    let reply = conn.read(false).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "data");
+    let seen = &upstream.wait_for(1).await[0];
+    assert!(seen.header("expect").is_none(), "{}", seen.head);
+    sidecar.stop().await;
+}
