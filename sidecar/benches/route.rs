@@ -1,1 +1,73 @@
-fn main() {}
+//! The pure, per-request pieces of the request path: parsing a `target`, joining paths, choosing a route, and
+//! header hygiene. Run with `cargo bench -p sidecar --bench route`.
+
+use std::hint::black_box;
+
+use actix_http::Uri;
+use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
+use criterion::{Criterion, criterion_group, criterion_main};
+use sidecar::dispatch::headers::strip_request;
+use sidecar::dispatch::route::route;
+use sidecar::dispatch::target::Upstream;
+use sidecar::policy::Policy;
+use sidecar::snapshot::Snapshot;
+
+const POLICY: &str = "services:\n  orders:\n    endpoints: ['10.0.0.1:8080', '10.0.0.2:8080']\ndispatch:\n  key: environment\n  destination: http://default:80\n  rewrites:\n    dev:\n      patch:\n        - key: Host\n          val: example.com\n      destination: http://dev:80\n";
+
+fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in pairs {
+        map.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    map
+}
+
+fn benches(c: &mut Criterion) {
+    let snapshot =
+        Snapshot::from_policy(&Policy::from_yaml("bench", POLICY).expect("valid policy"));
+    let request: Uri = "/items?id=7".parse().expect("uri");
+
+    c.bench_function("target/parse", |b| {
+        b.iter(|| Upstream::parse(black_box("http://orders.internal:8080/api")))
+    });
+    let plain = Upstream::parse("http://orders:8080").expect("upstream");
+    c.bench_function("target/join_no_prefix", |b| {
+        b.iter(|| plain.uri_for(black_box(&request)))
+    });
+    let prefixed = Upstream::parse("http://orders:8080/api").expect("upstream");
+    c.bench_function("target/join_prefix", |b| {
+        b.iter(|| prefixed.uri_for(black_box(&request)))
+    });
+
+    let by_url = headers(&[("target", "http://orders:8080/api"), ("accept", "*/*")]);
+    c.bench_function("route/target_url", |b| {
+        b.iter(|| route(&snapshot, black_box(&by_url)).map(|r| r.request_timeout))
+    });
+    let by_service = headers(&[("target", "orders"), ("internal", "true")]);
+    c.bench_function("route/internal_service", |b| {
+        b.iter(|| route(&snapshot, black_box(&by_service)).map(|r| r.request_timeout))
+    });
+    let by_rule = headers(&[("environment", "dev"), ("accept", "*/*")]);
+    c.bench_function("route/dispatch_rule", |b| {
+        b.iter(|| route(&snapshot, black_box(&by_rule)).map(|r| r.request_timeout))
+    });
+
+    let typical = headers(&[
+        ("host", "localhost:5000"),
+        ("target", "http://orders:8080"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "*/*"),
+        ("content-type", "application/json"),
+        ("x-request-id", "abc"),
+    ]);
+    c.bench_function("headers/strip_request", |b| {
+        b.iter_batched_ref(
+            || typical.clone(),
+            |h| strip_request(black_box(h)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(route_benches, benches);
+criterion_main!(route_benches);
