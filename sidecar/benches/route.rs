@@ -1,6 +1,11 @@
 //! The pure, per-request pieces of the request path: parsing a `target`, joining paths, choosing a route, and
 //! header hygiene. Run with `cargo bench -p sidecar --bench route`.
 
+#![allow(
+    clippy::expect_used,
+    reason = "bench set-up: a panic is a broken bench"
+)]
+
 use std::hint::black_box;
 
 use actix_http::Uri;
