@@ -7,12 +7,15 @@
 //! Two planes. The **data plane** is the request path: lock-free, it reads one snapshot per request and never
 //! waits on an actor. The **control plane** owns state and timers and publishes snapshots.
 //!
-//! - [`policy`]: the policy files' model, validation, the seed dispatcher's `config.yaml` format.
+//! - [`policy`]: the policy files' model, validation, the seed dispatcher's `config.yaml` format, and the
+//!   policy store actor that reloads them live ([`policy::store`]).
 //! - [`snapshot`]: the coherent, atomically swapped view of the policy that the request path reads.
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
-//! - [`server`]: listeners; `start` builds the egress listener on a pre-bound socket.
+//! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
+//! - [`admin`]: the admin listener's routes (`/admin/policy`, `/admin/reload`).
 
+pub mod admin;
 pub mod dispatch;
 pub mod error;
 pub mod policy;

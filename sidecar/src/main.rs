@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sidecar::policy::Policy;
-use sidecar::server::{self, RunOptions};
+use sidecar::policy::store::{Overrides, PolicySource};
+use sidecar::server::{self, Listeners, RunOptions};
 
 /// With glibc's allocator the proxy made ~31.5k requests/s in the benchmark seat; with mimalloc ~51k (its
 /// per-thread free lists suit actix's thread-per-core workers). The price is a higher peak RSS (~16 MiB
@@ -33,8 +33,11 @@ struct Cli {
         hide_env_values = true
     )]
     port: Option<String>,
+    /// Admin listener address (IP:PORT). Overrides the policy.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
     /// Seed dispatcher config (dispatch rules); `./config.yaml` is used when it exists and this is not set.
-    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE", global = true)]
     dispatch_config: Option<PathBuf>,
     /// Worker threads for the egress listener. Overrides the policy.
     #[arg(long)]
@@ -64,26 +67,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    match &cli.command {
-        Some(Command::Check { path }) => check(&cli, path.as_deref()),
-        Some(Command::Run) | None => match run(&cli) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sidecar: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-fn load(cli: &Cli, path: Option<&Path>) -> Result<Policy, sidecar::policy::PolicyErrors> {
-    let policy = match path.or(cli.policy.as_deref()) {
-        Some(p) => Policy::load(p)?,
-        None => Policy::embedded_default()?,
+    let result = match &cli.command {
+        Some(Command::Check { path }) => return check(&cli, path.as_deref()),
+        Some(Command::Run) | None => run(&cli),
     };
-    match dispatch_config(cli) {
-        Some(file) => policy.with_seed_dispatch(&file),
-        None => Ok(policy),
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -96,11 +89,49 @@ fn dispatch_config(cli: &Cli) -> Option<PathBuf> {
     fallback.is_file().then_some(fallback)
 }
 
+fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
+    let mut overrides = Overrides {
+        admin: cli.admin,
+        workers: cli.workers,
+        ..Overrides::default()
+    };
+    if let Some(port) = &cli.port {
+        let port = port.trim().trim_start_matches(':');
+        overrides.egress_port =
+            Some(port.parse().with_context(|| {
+                format!("SIDECAR_PORT must be a port such as 5000, got {port:?}")
+            })?);
+    }
+    if let Some(listen) = &cli.listen {
+        if let Ok(full) = listen.parse::<SocketAddr>() {
+            overrides.egress_ip = Some(full.ip());
+            overrides.egress_port = Some(full.port());
+        } else {
+            let ip: IpAddr = listen
+                .parse()
+                .with_context(|| format!("--listen must be an IP or IP:PORT, got {listen:?}"))?;
+            overrides.egress_ip = Some(ip);
+        }
+    }
+    if cli.workers == Some(0) {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    Ok(PolicySource {
+        policy: path.map(Path::to_path_buf).or_else(|| cli.policy.clone()),
+        dispatch: dispatch_config(cli),
+        overrides,
+    })
+}
+
 fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
-    match load(cli, path) {
+    let loaded = source(cli, path).and_then(|s| s.load().map_err(|e| anyhow::anyhow!("{e}")));
+    match loaded {
         Ok(policy) => {
             println!("{}: ok", policy.source);
-            println!("listeners.egress {}", policy.listeners.egress);
+            println!(
+                "listeners: egress {}, admin {}, {} worker(s)",
+                policy.listeners.egress, policy.listeners.admin, policy.listeners.workers
+            );
             for (name, s) in &policy.services {
                 let endpoints: Vec<String> = s.endpoints.iter().map(ToString::to_string).collect();
                 println!(
@@ -127,44 +158,33 @@ fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
     }
 }
 
-fn egress_addr(cli: &Cli, policy: &Policy) -> anyhow::Result<SocketAddr> {
-    let mut addr = policy.listeners.egress;
-    if let Some(port) = &cli.port {
-        let port = port.trim().trim_start_matches(':');
-        addr.set_port(
-            port.parse().with_context(|| {
-                format!("SIDECAR_PORT must be a port such as 5000, got {port:?}")
-            })?,
-        );
-    }
-    if let Some(listen) = &cli.listen {
-        if let Ok(full) = listen.parse::<SocketAddr>() {
-            addr = full;
-        } else {
-            let ip: IpAddr = listen
-                .parse()
-                .with_context(|| format!("--listen must be an IP or IP:PORT, got {listen:?}"))?;
-            addr.set_ip(ip);
-        }
-    }
-    Ok(addr)
-}
-
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let mut policy = load(cli, None).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
-    if let Some(w) = cli.workers {
-        anyhow::ensure!(w > 0, "--workers must be at least 1");
-        policy.listeners.workers = w;
-    }
-    let addr = egress_addr(cli, &policy)?;
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let source = source(cli, None)?;
+    let policy = source
+        .load()
+        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    let egress = policy.listeners.egress;
+    let admin = policy.listeners.admin;
+    let listeners = Listeners {
+        egress: TcpListener::bind(egress).with_context(|| format!("cannot listen on {egress}"))?,
+        admin: Some(
+            TcpListener::bind(admin)
+                .with_context(|| format!("cannot listen on {admin} (admin)"))?,
+        ),
+    };
     actix_rt::System::new().block_on(async move {
-        let running = server::start(&policy, listener, RunOptions { signals: true })?;
+        let summary = (
+            policy.source.clone(),
+            policy.services.len(),
+            policy.dispatch.is_some(),
+        );
+        let running = server::start(source, policy, listeners, RunOptions { signals: true })?;
         tracing::info!(
             egress = %running.egress,
-            policy = %policy.source,
-            services = policy.services.len(),
-            dispatch = policy.dispatch.is_some(),
+            admin = ?running.admin,
+            policy = %summary.0,
+            services = summary.1,
+            dispatch = summary.2,
             "sidecar listening"
         );
         running.wait().await

@@ -23,9 +23,6 @@ use super::route::route;
 use crate::error::{Cause, ProxyError};
 use crate::snapshot::SharedSnapshot;
 
-/// Request heads above this size are refused with 431 (the HTTP codec refuses those over 128 KiB itself).
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-
 type Upstream = awc::ClientResponse;
 /// The response body: the upstream's, with or without a known length, or the sidecar's own error body.
 pub type ProxyBody = EitherBody<EitherBody<SizedStream<Upstream>, BodyStream<Upstream>>, BoxBody>;
@@ -63,13 +60,13 @@ impl Forwarder {
         let (mut head, payload) = req.into_parts();
 
         let snapshot = self.snapshot.load();
-        if head_size(&head) > MAX_HEAD_BYTES {
+        if head_size(&head) > snapshot.max_header_size {
             return Err(ProxyError::new(
                 Cause::HeadersTooLarge,
                 "",
                 format!(
-                    "the request header section is over {} KiB",
-                    MAX_HEAD_BYTES / 1024
+                    "the request header section is over {} bytes",
+                    snapshot.max_header_size
                 ),
             ));
         }

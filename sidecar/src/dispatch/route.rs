@@ -106,7 +106,7 @@ fn route_target<'a>(
             upstream: Dest::Shared(upstream),
             patch: &[],
             forwarded_for: false,
-            request_timeout: service.request_timeout,
+            request_timeout: service.request_timeout(),
             service: Some(&service.name),
         });
     }

@@ -6,8 +6,11 @@
 //! Called by `main.rs` at start-up and by `sidecar check`.
 
 pub mod duration;
+pub mod locate;
 mod raw;
 pub mod seed;
+pub mod store;
+pub mod units;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +29,10 @@ pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.yaml");
 pub struct Policy {
     /// Where the policy came from (a file, a directory or the embedded default), for messages.
     pub source: String,
+    /// The files it was read from, in merge order (empty for the embedded default).
+    pub files: Vec<PathBuf>,
+    /// A hash of the sources' names and contents (FNV-1a), to tell versions apart.
+    pub hash: u64,
     pub listeners: Listeners,
     pub upstream: UpstreamSettings,
     /// Per-service policy keyed by the name apps use with `internal: true`.
@@ -34,13 +41,17 @@ pub struct Policy {
     pub dispatch: Option<DispatchRules>,
 }
 
-/// Listener addresses and the worker count.
-#[derive(Debug, Clone)]
+/// Listener addresses, the worker count and limits of the egress listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listeners {
     /// The app's private door, `127.0.0.1:5000` by default.
     pub egress: SocketAddr,
+    /// The admin listener (`/admin/policy`, `/admin/reload`), `127.0.0.1:9901` by default.
+    pub admin: SocketAddr,
     /// Worker threads serving the egress listener.
     pub workers: usize,
+    /// Request heads above this size get 431.
+    pub max_header_size: usize,
 }
 
 /// Timeouts and connection-pool settings used for every upstream unless a service overrides them.
@@ -65,7 +76,7 @@ pub struct Timeouts {
 }
 
 /// The policy of one service reached with `internal: true`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePolicy {
     pub endpoints: Vec<Upstream>,
     /// Time allowed until the response head; the default's when not set.
@@ -98,6 +109,73 @@ impl PolicyErrors {
             errors: vec![message.into()],
         }
     }
+
+    /// Renders issues as `file:line:column: field: reason`, finding each field in its file's text.
+    pub(crate) fn render(issues: Vec<Issue>, sources: &Sources) -> Self {
+        let errors = issues
+            .into_iter()
+            .map(|i| {
+                let position = sources
+                    .text(&i.file)
+                    .and_then(|t| locate::locate(t, &i.path));
+                match position {
+                    Some(p) => format!(
+                        "{}:{}:{}: {}: {}",
+                        i.file, p.line, p.column, i.path, i.message
+                    ),
+                    None => format!("{}: {}: {}", i.file, i.path, i.message),
+                }
+            })
+            .collect();
+        Self { errors }
+    }
+}
+
+/// One problem found after parsing: the file, the field path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Issue {
+    pub file: String,
+    pub path: String,
+    pub message: String,
+}
+
+impl Issue {
+    pub fn new(file: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_string(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The texts of the files a policy was read from, by the name used in messages.
+#[derive(Debug, Default)]
+pub(crate) struct Sources(Vec<(String, String)>);
+
+impl Sources {
+    pub fn one(name: &str, text: &str) -> Self {
+        Self(vec![(name.to_string(), text.to_string())])
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// FNV-1a over names and contents: stable across builds and machines.
+    fn hash(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, text) in &self.0 {
+            for b in name.bytes().chain([0]).chain(text.bytes()).chain([0]) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
+    }
 }
 
 impl Policy {
@@ -109,14 +187,21 @@ impl Policy {
     /// Parses and validates one YAML document; `source` names it in every message.
     pub fn from_yaml(source: &str, text: &str) -> Result<Self, PolicyErrors> {
         let raw: raw::RawPolicy = yaml_serde::from_str(text).map_err(|e| yaml_error(source, &e))?;
-        raw.validate(source)
+        let sources = Sources::one(source, text);
+        let mut policy = raw
+            .validate(source)
+            .map_err(|issues| PolicyErrors::render(issues, &sources))?;
+        policy.hash = sources.hash();
+        Ok(policy)
     }
 
     /// Loads a policy file, or every `*.yaml`/`*.yml` file of a directory in name order.
     pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
         let files = policy_files(path)?;
         let mut merged: Option<raw::RawPolicy> = None;
+        let mut sources = Sources::default();
         let mut errors = Vec::new();
+        let mut issues = Vec::new();
         for file in &files {
             let name = file.display().to_string();
             let text = match std::fs::read_to_string(file) {
@@ -133,28 +218,40 @@ impl Policy {
                         None => merged = Some(part),
                         Some(all) => {
                             if let Err(mut e) = all.merge(part) {
-                                errors.append(&mut e);
+                                issues.append(&mut e);
                             }
                         }
                     }
                 }
                 Err(e) => errors.extend(yaml_error(&name, &e).errors),
             }
+            sources.0.push((name, text));
         }
+        let source = path.display().to_string();
+        let validated = merged.unwrap_or_default().validate(&source);
+        if let Err(mut more) = validated.as_ref().map(|_| ()).map_err(Clone::clone) {
+            issues.append(&mut more);
+        }
+        errors.extend(PolicyErrors::render(issues, &sources).errors);
         if !errors.is_empty() {
             return Err(PolicyErrors { errors });
         }
-        let source = path.display().to_string();
-        merged.unwrap_or_default().validate(&source).map(|mut p| {
-            p.source = source;
-            p
-        })
+        let mut policy = validated.map_err(|issues| PolicyErrors::render(issues, &sources))?;
+        policy.source = source;
+        policy.files = files;
+        policy.hash = sources.hash();
+        Ok(policy)
     }
 
     /// Adds dispatch rules from a seed dispatcher `config.yaml`; a policy that already has rules is an error
     /// naming both places, never a silent choice.
     pub fn with_seed_dispatch(mut self, file: &Path) -> Result<Self, PolicyErrors> {
         let rules = DispatchRules::load_seed_file(file)?;
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let mut mixed = Sources::one(&file.display().to_string(), &text);
+            mixed.0.push((String::new(), self.hash.to_string()));
+            self.hash = mixed.hash();
+        }
         if self.dispatch.is_some() {
             return Err(PolicyErrors::one(format!(
                 "{}: dispatch rules are defined twice: in {} and in the policy {}",
@@ -204,10 +301,13 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyErrors> {
 pub(crate) fn yaml_error(source: &str, e: &yaml_serde::Error) -> PolicyErrors {
     let message = e.to_string();
     // yaml_serde appends " at line L column C" to its message; we lead with it instead.
-    let message = match message.rfind(" at line ") {
+    let mut message = match message.rfind(" at line ") {
         Some(i) => message[..i].to_string(),
         None => message,
     };
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&format!("; did you mean `{hint}`?"));
+    }
     match e.location() {
         Some(loc) => PolicyErrors::one(format!(
             "{source}:{}:{}: {message}",
@@ -218,9 +318,62 @@ pub(crate) fn yaml_error(source: &str, e: &yaml_serde::Error) -> PolicyErrors {
     }
 }
 
+/// For serde's "unknown field `x`, expected one of `a`, `b`" message: the expected name closest to `x`, when
+/// one is close enough to be a typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message.split("unknown field `").nth(1)?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|candidate| (edit_distance(unknown, candidate), candidate))
+        .filter(|&(d, c)| d > 0 && d <= 2.max(c.len() / 3))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c.to_string())
+}
+
+/// Levenshtein distance, for typo hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_gets_a_suggestion_when_one_is_close() {
+        let err = Policy::from_yaml("p.yaml", "listeners:\n  egres: 127.0.0.1:5000\n").unwrap_err();
+        assert!(err.to_string().ends_with("did you mean `egress`?"), "{err}");
+        let err = Policy::from_yaml("p.yaml", "listeners:\n  colour: blue\n").unwrap_err();
+        assert!(!err.to_string().contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_file_line_column_field_and_value() {
+        let yaml = "services:\n  orders:\n    endpoints:\n      - 10.0.0.1:80\n      - 'ftp://x'\n";
+        let err = Policy::from_yaml("policies/orders.yaml", yaml).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "policies/orders.yaml:5:9: services.orders.endpoints[1]: must be an absolute http or https URL, got \"ftp://x\""
+        );
+    }
 
     #[test]
     fn embedded_default_is_valid_and_listens_on_loopback_5000() {

@@ -7,10 +7,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::seed::RawDispatch;
-use super::{Listeners, Policy, PolicyErrors, ServicePolicy, Timeouts, UpstreamSettings, duration};
+use super::{Issue, Listeners, Policy, ServicePolicy, Timeouts, UpstreamSettings, duration, units};
 use crate::dispatch::target::Upstream;
 
 const DEFAULT_EGRESS: &str = "127.0.0.1:5000";
+const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+const DEFAULT_MAX_HEADER_SIZE: u64 = 64 << 10;
+/// The HTTP codec refuses heads over 128 KiB before the sidecar sees them.
+const MAX_HEADER_SIZE_LIMIT: u64 = 128 << 10;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -44,7 +48,10 @@ struct Origins {
 #[serde(deny_unknown_fields)]
 struct RawListeners {
     egress: Option<String>,
+    admin: Option<String>,
     workers: Option<usize>,
+    #[serde(default, with = "units::serde_size")]
+    max_header_size: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,7 +105,11 @@ impl RawPolicy {
             .map(|k| (k.clone(), file.to_string()))
             .collect();
         self.origin.dispatch = self.dispatch.as_ref().map(|_| file.to_string());
-        let listeners_set = self.listeners.egress.is_some() || self.listeners.workers.is_some();
+        let l = &self.listeners;
+        let listeners_set = l.egress.is_some()
+            || l.admin.is_some()
+            || l.workers.is_some()
+            || l.max_header_size.is_some();
         self.origin.listeners = listeners_set.then(|| file.to_string());
         let d = &self.defaults;
         let defaults_set = d.timeouts.connect.is_some()
@@ -109,34 +120,34 @@ impl RawPolicy {
     }
 
     /// Merges another file into this one. A name defined in both is an error naming both files.
-    pub(super) fn merge(&mut self, other: RawPolicy) -> Result<(), Vec<String>> {
-        let mut errors = Vec::new();
-        let here = |o: &Option<String>| o.clone().unwrap_or_default();
-        if let (Some(a), Some(b)) = (&self.origin.listeners, &other.origin.listeners) {
-            errors.push(format!(
-                "{b}: listeners are defined twice: in {a} and in {b}"
-            ));
-        } else if other.origin.listeners.is_some() {
-            self.listeners = other.listeners;
-            self.origin.listeners = other.origin.listeners.clone();
+    pub(super) fn merge(&mut self, other: RawPolicy) -> Result<(), Vec<Issue>> {
+        let mut issues = Vec::new();
+        let twice = |what: &str, a: &str, b: &str| {
+            Issue::new(b, what, format!("defined twice: in {a} and in {b}"))
+        };
+        match (&self.origin.listeners, &other.origin.listeners) {
+            (Some(a), Some(b)) => issues.push(twice("listeners", a, b)),
+            (None, Some(_)) => {
+                self.listeners = other.listeners;
+                self.origin.listeners = other.origin.listeners.clone();
+            }
+            _ => {}
         }
-        if let (Some(a), Some(b)) = (&self.origin.defaults, &other.origin.defaults) {
-            errors.push(format!(
-                "{b}: defaults are defined twice: in {a} and in {b}"
-            ));
-        } else if other.origin.defaults.is_some() {
-            self.defaults = other.defaults;
-            self.origin.defaults = other.origin.defaults.clone();
+        match (&self.origin.defaults, &other.origin.defaults) {
+            (Some(a), Some(b)) => issues.push(twice("defaults", a, b)),
+            (None, Some(_)) => {
+                self.defaults = other.defaults;
+                self.origin.defaults = other.origin.defaults.clone();
+            }
+            _ => {}
         }
         if let Some(d) = other.dispatch {
+            let b = other.origin.dispatch.clone().unwrap_or_default();
             match &self.origin.dispatch {
-                Some(a) => {
-                    let b = here(&other.origin.dispatch);
-                    errors.push(format!("{b}: dispatch is defined twice: in {a} and in {b}"));
-                }
+                Some(a) => issues.push(twice("dispatch", a, &b)),
                 None => {
                     self.dispatch = Some(d);
-                    self.origin.dispatch = other.origin.dispatch.clone();
+                    self.origin.dispatch = Some(b);
                 }
             }
         }
@@ -148,50 +159,70 @@ impl RawPolicy {
                 .cloned()
                 .unwrap_or_default();
             if let Some(a) = self.origin.services.get(&name) {
-                errors.push(format!(
-                    "{b}: services.{name} is defined twice: in {a} and in {b}"
-                ));
+                issues.push(twice(&format!("services.{name}"), a, &b));
                 continue;
             }
             self.origin.services.insert(name.clone(), b);
             self.services.insert(name, service);
         }
-        if errors.is_empty() {
+        if issues.is_empty() {
             Ok(())
         } else {
-            Err(errors)
+            Err(issues)
         }
     }
 
-    pub(super) fn validate(self, source: &str) -> Result<Policy, PolicyErrors> {
-        let mut errors = Vec::new();
-        let at = |field: &str| -> String {
-            let file = if self.origin.file.is_empty() {
-                source
-            } else {
-                &self.origin.file
-            };
-            format!("{file}: {field}")
-        };
+    pub(super) fn validate(self, source: &str) -> Result<Policy, Vec<Issue>> {
+        let mut issues = Vec::new();
+        let file_of =
+            |origin: &Option<String>| origin.clone().unwrap_or_else(|| source.to_string());
+        let listeners_file = file_of(&self.origin.listeners);
+        let defaults_file = file_of(&self.origin.defaults);
 
-        let egress_text = self.listeners.egress.as_deref().unwrap_or(DEFAULT_EGRESS);
-        let egress = match egress_text.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                errors.push(format!(
-                    "{}: must be an address such as 127.0.0.1:5000, got {egress_text:?}",
-                    at("listeners.egress")
+        let address = |field: &str, text: Option<&str>, default: &str, issues: &mut Vec<Issue>| {
+            let text = text.unwrap_or(default);
+            text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                issues.push(Issue::new(
+                    &listeners_file,
+                    field,
+                    format!("must be an address such as 127.0.0.1:5000, got {text:?}"),
                 ));
-                DEFAULT_EGRESS
-                    .parse()
-                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5000)))
-            }
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            })
         };
+        let egress = address(
+            "listeners.egress",
+            self.listeners.egress.as_deref(),
+            DEFAULT_EGRESS,
+            &mut issues,
+        );
+        let admin = address(
+            "listeners.admin",
+            self.listeners.admin.as_deref(),
+            DEFAULT_ADMIN,
+            &mut issues,
+        );
         let workers = self.listeners.workers.unwrap_or(1);
         if workers == 0 || workers > 256 {
-            errors.push(format!(
-                "{}: must be between 1 and 256, got {workers}",
-                at("listeners.workers")
+            issues.push(Issue::new(
+                &listeners_file,
+                "listeners.workers",
+                format!("must be between 1 and 256, got {workers}"),
+            ));
+        }
+        let max_header_size = self
+            .listeners
+            .max_header_size
+            .unwrap_or(DEFAULT_MAX_HEADER_SIZE);
+        if !(1024..=MAX_HEADER_SIZE_LIMIT).contains(&max_header_size) {
+            issues.push(Issue::new(
+                &listeners_file,
+                "listeners.max_header_size",
+                format!(
+                    "must be between 1KiB and {}, got {}",
+                    units::format_size(MAX_HEADER_SIZE_LIMIT),
+                    units::format_size(max_header_size)
+                ),
             ));
         }
 
@@ -200,24 +231,23 @@ impl RawPolicy {
             connect: t.connect.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             request: t.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
         };
-        for (field, value) in [
-            ("defaults.timeouts.connect", timeouts.connect),
-            ("defaults.timeouts.request", timeouts.request),
-        ] {
-            if value.is_zero() {
-                errors.push(format!("{}: must be more than 0, got 0", at(field)));
-            }
-        }
         let idle_timeout = self
             .defaults
             .pool
             .idle_timeout
             .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        if idle_timeout.is_zero() {
-            errors.push(format!(
-                "{}: must be more than 0, got 0",
-                at("defaults.pool.idle_timeout")
-            ));
+        for (field, value) in [
+            ("defaults.timeouts.connect", timeouts.connect),
+            ("defaults.timeouts.request", timeouts.request),
+            ("defaults.pool.idle_timeout", idle_timeout),
+        ] {
+            if value.is_zero() {
+                issues.push(Issue::new(
+                    &defaults_file,
+                    field,
+                    "must be more than 0, got 0",
+                ));
+            }
         }
 
         let mut services = BTreeMap::new();
@@ -226,31 +256,41 @@ impl RawPolicy {
                 .origin
                 .services
                 .get(&name)
-                .map_or(source, |s| if s.is_empty() { source } else { s.as_str() });
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .unwrap_or_else(|| source.to_string());
             let field = format!("services.{name}");
             if !is_service_name(&name) {
-                errors.push(format!(
-                    "{file}: {field}: a service name is letters, digits, '-', '_' and '.', got {name:?}"
+                issues.push(Issue::new(
+                    &file,
+                    &field,
+                    format!("a service name is letters, digits, '-', '_' and '.', got {name:?}"),
                 ));
             }
             if raw.endpoints.is_empty() {
-                errors.push(format!(
-                    "{file}: {field}.endpoints: must list at least one endpoint"
+                issues.push(Issue::new(
+                    &file,
+                    format!("{field}.endpoints"),
+                    "must list at least one endpoint",
                 ));
             }
             let mut endpoints = Vec::with_capacity(raw.endpoints.len());
             for (i, e) in raw.endpoints.iter().enumerate() {
                 match Upstream::parse_endpoint(e) {
                     Ok(u) => endpoints.push(u),
-                    Err(why) => {
-                        errors.push(format!("{file}: {field}.endpoints[{i}]: {why}, got {e:?}"))
-                    }
+                    Err(why) => issues.push(Issue::new(
+                        &file,
+                        format!("{field}.endpoints[{i}]"),
+                        format!("{why}, got {e:?}"),
+                    )),
                 }
             }
             let request_timeout = raw.timeouts.request.unwrap_or(timeouts.request);
             if request_timeout.is_zero() {
-                errors.push(format!(
-                    "{file}: {field}.timeouts.request: must be more than 0, got 0"
+                issues.push(Issue::new(
+                    &file,
+                    format!("{field}.timeouts.request"),
+                    "must be more than 0, got 0",
                 ));
             }
             services.insert(
@@ -262,28 +302,30 @@ impl RawPolicy {
             );
         }
 
-        let dispatch_file = self
-            .origin
-            .dispatch
-            .clone()
-            .unwrap_or_else(|| source.to_string());
         let dispatch = match self.dispatch {
-            Some(d) => match d.validate(&dispatch_file, "dispatch.") {
+            Some(d) => match d.validate(&file_of(&self.origin.dispatch), "dispatch.") {
                 Ok(rules) => Some(rules),
                 Err(mut e) => {
-                    errors.append(&mut e.errors);
+                    issues.append(&mut e);
                     None
                 }
             },
             None => None,
         };
 
-        if !errors.is_empty() {
-            return Err(PolicyErrors { errors });
+        if !issues.is_empty() {
+            return Err(issues);
         }
         Ok(Policy {
             source: source.to_string(),
-            listeners: Listeners { egress, workers },
+            files: Vec::new(),
+            hash: 0,
+            listeners: Listeners {
+                egress,
+                admin,
+                workers,
+                max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+            },
             upstream: UpstreamSettings {
                 timeouts,
                 idle_timeout,

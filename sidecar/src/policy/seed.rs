@@ -25,7 +25,7 @@ use actix_http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::PolicyErrors;
+use super::{Issue, PolicyErrors, Sources};
 use crate::dispatch::target::Upstream;
 
 /// Compiled dispatch rules: header lookups and pre-parsed destinations, ready for the request path.
@@ -69,6 +69,7 @@ impl DispatchRules {
         let raw: RawDispatch =
             yaml_serde::from_str(text).map_err(|e| super::yaml_error(source, &e))?;
         raw.validate(source, "")
+            .map_err(|issues| PolicyErrors::render(issues, &Sources::one(source, text)))
     }
 }
 
@@ -138,18 +139,17 @@ impl<'de> Deserialize<'de> for Scalar {
 impl RawDispatch {
     /// Checks every field, collecting all problems; `prefix` is the field path of the mapping (`dispatch.` in a
     /// policy file, empty in a seed `config.yaml`).
-    pub(super) fn validate(
-        self,
-        source: &str,
-        prefix: &str,
-    ) -> Result<DispatchRules, PolicyErrors> {
-        let mut errors = Vec::new();
+    pub(super) fn validate(self, file: &str, prefix: &str) -> Result<DispatchRules, Vec<Issue>> {
+        let mut issues = Vec::new();
+        let at = |field: &str| format!("{prefix}{field}");
         let key = match self.key.as_deref() {
             Some(k) => match HeaderName::from_bytes(k.trim().as_bytes()) {
                 Ok(h) => Some(h),
                 Err(_) => {
-                    errors.push(format!(
-                        "{source}: {prefix}key: not a valid header name, got {k:?}"
+                    issues.push(Issue::new(
+                        file,
+                        at("key"),
+                        format!("not a valid header name, got {k:?}"),
                     ));
                     None
                 }
@@ -158,21 +158,29 @@ impl RawDispatch {
         };
         let rewrites_raw = self.rewrites.unwrap_or_default();
         if self.key.is_none() && !rewrites_raw.is_empty() {
-            errors.push(format!(
-                "{source}: {prefix}key: required when rewrites are given (it names the header that selects one)"
+            issues.push(Issue::new(
+                file,
+                at("key"),
+                "required when rewrites are given (it names the header that selects one)",
             ));
         }
         let default = match self.destination.as_deref() {
             None | Some("") => {
-                errors.push(format!(
-                    "{source}: {prefix}destination: required: config doesn't have any destination"
+                issues.push(Issue::new(
+                    file,
+                    at("destination"),
+                    "required: config doesn't have any destination",
                 ));
                 None
             }
             Some(d) => match Upstream::parse(d) {
                 Ok(u) => Some(u),
                 Err(why) => {
-                    errors.push(format!("{source}: {prefix}destination: {why}, got {d:?}"));
+                    issues.push(Issue::new(
+                        file,
+                        at("destination"),
+                        format!("{why}, got {d:?}"),
+                    ));
                     None
                 }
             },
@@ -180,7 +188,7 @@ impl RawDispatch {
 
         let mut rewrites = HashMap::with_capacity(rewrites_raw.len());
         for (value, rewrite) in rewrites_raw {
-            let field = format!("{prefix}rewrites.{}", value.0);
+            let field = at(&format!("rewrites.{}", value.0));
             let rewrite = rewrite.unwrap_or_default();
             let mut patch = Vec::new();
             for (i, p) in rewrite.patch.unwrap_or_default().into_iter().enumerate() {
@@ -192,13 +200,15 @@ impl RawDispatch {
                         patch.retain(|(k, _): &(HeaderName, HeaderValue)| *k != n);
                         patch.push((n, v));
                     }
-                    (Err(_), _) => errors.push(format!(
-                        "{source}: {field}.patch[{i}].key: not a valid header name, got {:?}",
-                        p.key
+                    (Err(_), _) => issues.push(Issue::new(
+                        file,
+                        format!("{field}.patch[{i}].key"),
+                        format!("not a valid header name, got {:?}", p.key),
                     )),
-                    (_, Err(_)) => errors.push(format!(
-                        "{source}: {field}.patch[{i}].val: not a valid header value, got {:?}",
-                        p.val.0
+                    (_, Err(_)) => issues.push(Issue::new(
+                        file,
+                        format!("{field}.patch[{i}].val"),
+                        format!("not a valid header value, got {:?}", p.val.0),
                     )),
                 }
             }
@@ -207,7 +217,11 @@ impl RawDispatch {
                 Some(d) => match Upstream::parse(d) {
                     Ok(u) => Some(u),
                     Err(why) => {
-                        errors.push(format!("{source}: {field}.destination: {why}, got {d:?}"));
+                        issues.push(Issue::new(
+                            file,
+                            format!("{field}.destination"),
+                            format!("{why}, got {d:?}"),
+                        ));
                         None
                     }
                 },
@@ -221,7 +235,7 @@ impl RawDispatch {
         }
 
         match default {
-            Some(destination) if errors.is_empty() => Ok(DispatchRules {
+            Some(destination) if issues.is_empty() => Ok(DispatchRules {
                 key,
                 default: Arc::new(Rewrite {
                     destination,
@@ -229,7 +243,7 @@ impl RawDispatch {
                 }),
                 rewrites,
             }),
-            _ => Err(PolicyErrors { errors }),
+            _ => Err(issues),
         }
     }
 }

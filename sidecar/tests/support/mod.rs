@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sidecar::policy::Policy;
+use sidecar::policy::store::PolicySource;
 use sidecar::server::{self, RunOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,28 +25,45 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// The sidecar under test, running in this process.
 pub struct Sidecar {
     pub addr: SocketAddr,
-    handle: actix_web::dev::ServerHandle,
+    pub admin: SocketAddr,
+    running: server::Running,
 }
 
 impl Sidecar {
     /// Starts the sidecar with a policy given as YAML.
     pub fn start(policy_yaml: &str) -> Self {
         let policy = Policy::from_yaml("test policy", policy_yaml).expect("valid test policy");
-        Self::start_policy(&policy)
+        Self::start_with(PolicySource::default(), policy)
     }
 
-    pub fn start_policy(policy: &Policy) -> Self {
-        let listener = StdListener::bind("127.0.0.1:0").expect("bind port 0");
-        let running =
-            server::start(policy, listener, RunOptions::default()).expect("sidecar starts");
+    /// Starts the sidecar on a policy file or directory, as the binary would.
+    pub fn start_source(source: PolicySource) -> Self {
+        let policy = source.load().expect("valid test policy");
+        Self::start_with(source, policy)
+    }
+
+    fn start_with(source: PolicySource, policy: Policy) -> Self {
+        let listeners = server::Listeners {
+            egress: StdListener::bind("127.0.0.1:0").expect("bind port 0"),
+            admin: Some(StdListener::bind("127.0.0.1:0").expect("bind port 0")),
+        };
+        let running = server::start(source, policy, listeners, RunOptions::default())
+            .expect("sidecar starts");
         let addr = running.egress;
-        let handle = running.handle();
-        actix_rt::spawn(running.wait());
-        Self { addr, handle }
+        let admin = running.admin.expect("admin listener");
+        Self {
+            addr,
+            admin,
+            running,
+        }
+    }
+
+    pub fn policy(&self) -> &sidecar::policy::store::PolicyHandle {
+        &self.running.policy
     }
 
     pub async fn stop(self) {
-        self.handle.stop(false).await;
+        self.running.stop(false).await;
     }
 }
 

@@ -52,6 +52,8 @@ impl SidecarProcess {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = cmd
+            .arg("--admin")
+            .arg("127.0.0.1:0")
             .env("SIDECAR_PORT", port.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -1,0 +1,408 @@
+//! The policy store: the control-plane actor that owns the active policy, reloads it, and publishes snapshots.
+//!
+//! Owns: where the policy comes from ([`PolicySource`]), the active [`Policy`], the reload history
+//! ([`PolicyStatus`]) and the file watcher. Publishes each valid change as one new [`Snapshot`] in a single
+//! atomic swap; requests in flight keep the snapshot they loaded. An invalid change leaves the old snapshot
+//! serving and is logged and counted. Does not own: the request path, which only reads the snapshot.
+//! Called through [`PolicyHandle`] by the admin listener, the SIGHUP task and the file watcher.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use notify::Watcher;
+use serde::Serialize;
+
+use super::{Policy, PolicyErrors};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// Events closer together than this are one change (editors write a file in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Where the policy is read from, and the command line's overrides applied to every version of it.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    /// A policy file or directory; the embedded default when `None`.
+    pub policy: Option<PathBuf>,
+    /// A seed dispatcher `config.yaml` merged in as dispatch rules.
+    pub dispatch: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// Listener settings given on the command line or in the environment; they win over the files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    pub egress_ip: Option<IpAddr>,
+    pub egress_port: Option<u16>,
+    pub admin: Option<SocketAddr>,
+    pub workers: Option<usize>,
+}
+
+impl PolicySource {
+    /// Reads and validates the policy, then applies the overrides.
+    pub fn load(&self) -> Result<Policy, PolicyErrors> {
+        let policy = match &self.policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::embedded_default()?,
+        };
+        let mut policy = match &self.dispatch {
+            Some(file) => policy.with_seed_dispatch(file)?,
+            None => policy,
+        };
+        let o = &self.overrides;
+        let listeners = &mut policy.listeners;
+        if let Some(ip) = o.egress_ip {
+            listeners.egress.set_ip(ip);
+        }
+        if let Some(port) = o.egress_port {
+            listeners.egress.set_port(port);
+        }
+        if let Some(admin) = o.admin {
+            listeners.admin = admin;
+        }
+        if let Some(workers) = o.workers {
+            listeners.workers = workers;
+        }
+        Ok(policy)
+    }
+
+    /// The directories to watch: a policy directory itself, or the directory holding a file (files are often
+    /// replaced by rename, which a watch on the file itself would miss).
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        let dir_of = |p: &Path| {
+            if p.is_dir() {
+                p.to_path_buf()
+            } else {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            }
+        };
+        let mut dirs: Vec<PathBuf> = self
+            .policy
+            .iter()
+            .chain(&self.dispatch)
+            .map(|p| dir_of(p))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadResult {
+    /// A new snapshot is serving.
+    Applied,
+    /// The sources did not change.
+    Unchanged,
+    /// The new policy is invalid; the old one keeps serving.
+    Rejected,
+}
+
+/// One reload attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub trigger: &'static str,
+    pub at_unix_ms: u64,
+    pub result: ReloadResult,
+    /// The version serving after the attempt.
+    pub version: u64,
+    pub errors: Vec<String>,
+    /// Changes that were validated but only take effect after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// What `GET /admin/policy` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    pub version: u64,
+    pub source: String,
+    pub files: Vec<String>,
+    pub hash: String,
+    pub loaded_at_unix_ms: u64,
+    pub services: Vec<String>,
+    pub dispatch_rules: bool,
+    pub reloads_applied: u64,
+    pub reloads_unchanged: u64,
+    pub reloads_rejected: u64,
+    pub last_reload: Option<ReloadReport>,
+    /// The most recent rejected reload, kept after later successes.
+    pub last_error: Option<ReloadReport>,
+    /// Settings changed in the files that the running process cannot apply without a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// The actor. Its state changes only through its mailbox.
+pub struct PolicyStore {
+    source: PolicySource,
+    snapshot: SharedSnapshot,
+    active: Policy,
+    status: PolicyStatus,
+    reload_scheduled: bool,
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl PolicyStore {
+    /// A store serving `policy` (already loaded from `source`) through `snapshot`.
+    pub fn new(source: PolicySource, policy: Policy, snapshot: SharedSnapshot) -> Self {
+        let status = PolicyStatus {
+            version: snapshot.load().version,
+            source: policy.source.clone(),
+            files: policy
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect(),
+            hash: format!("{:016x}", policy.hash),
+            loaded_at_unix_ms: now_ms(),
+            services: policy.services.keys().cloned().collect(),
+            dispatch_rules: policy.dispatch.is_some(),
+            reloads_applied: 0,
+            reloads_unchanged: 0,
+            reloads_rejected: 0,
+            last_reload: None,
+            last_error: None,
+            restart_required: Vec::new(),
+        };
+        Self {
+            source,
+            snapshot,
+            active: policy,
+            status,
+            reload_scheduled: false,
+            watcher: None,
+        }
+    }
+
+    /// Reads the sources again and publishes them if they are valid and changed.
+    fn reload(&mut self, trigger: &'static str) -> ReloadReport {
+        let report = match self.source.load() {
+            Err(errors) => {
+                for e in &errors.errors {
+                    tracing::warn!(trigger, error = %e, "policy rejected; the previous policy keeps serving");
+                }
+                self.status.reloads_rejected += 1;
+                ReloadReport {
+                    trigger,
+                    at_unix_ms: now_ms(),
+                    result: ReloadResult::Rejected,
+                    version: self.status.version,
+                    errors: errors.errors,
+                    restart_required: Vec::new(),
+                }
+            }
+            Ok(policy) if policy.hash == self.active.hash => {
+                self.status.reloads_unchanged += 1;
+                ReloadReport {
+                    trigger,
+                    at_unix_ms: now_ms(),
+                    result: ReloadResult::Unchanged,
+                    version: self.status.version,
+                    errors: Vec::new(),
+                    restart_required: Vec::new(),
+                }
+            }
+            Ok(policy) => self.apply(policy, trigger),
+        };
+        if report.result == ReloadResult::Rejected {
+            self.status.last_error = Some(report.clone());
+        }
+        self.status.last_reload = Some(report.clone());
+        report
+    }
+
+    fn apply(&mut self, policy: Policy, trigger: &'static str) -> ReloadReport {
+        let restart_required = needs_restart(&self.active, &policy);
+        for what in &restart_required {
+            tracing::warn!(change = %what, "policy change needs a restart to take effect");
+        }
+        let version = self.status.version + 1;
+        let next = Snapshot::build(&policy, version, Some(&self.snapshot.load()));
+        self.snapshot.store(Arc::new(next));
+        tracing::info!(
+            trigger,
+            version,
+            hash = %format!("{:016x}", policy.hash),
+            services = policy.services.len(),
+            "policy applied"
+        );
+        let s = &mut self.status;
+        s.version = version;
+        s.source = policy.source.clone();
+        s.files = policy
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
+        s.hash = format!("{:016x}", policy.hash);
+        s.loaded_at_unix_ms = now_ms();
+        s.services = policy.services.keys().cloned().collect();
+        s.dispatch_rules = policy.dispatch.is_some();
+        s.reloads_applied += 1;
+        s.restart_required = restart_required.clone();
+        // Listener and pool settings stay as they were started; remember them as the running ones.
+        let mut policy = policy;
+        policy.listeners = self.active.listeners.clone();
+        policy.upstream = self.active.upstream.clone();
+        self.active = policy;
+        ReloadReport {
+            trigger,
+            at_unix_ms: now_ms(),
+            result: ReloadResult::Applied,
+            version,
+            errors: Vec::new(),
+            restart_required,
+        }
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let dirs = self.source.watch_dirs();
+        if dirs.is_empty() {
+            return;
+        }
+        let addr = ctx.address();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                // A full mailbox already holds a change to handle; dropping this one loses nothing.
+                let _dropped_when_full = addr.try_send(FilesChanged);
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch policy files; reload with SIGHUP or POST /admin/reload");
+                return;
+            }
+        };
+        for dir in &dirs {
+            match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "watching policy files"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch policy directory")
+                }
+            }
+        }
+        self.watcher = Some(watcher);
+    }
+}
+
+/// The settings a running process applies only at start-up.
+fn needs_restart(running: &Policy, next: &Policy) -> Vec<String> {
+    let (a, b) = (&running.listeners, &next.listeners);
+    let mut out = Vec::new();
+    if a.egress != b.egress {
+        out.push(format!(
+            "listeners.egress: {} -> {} (restart to rebind)",
+            a.egress, b.egress
+        ));
+    }
+    if a.admin != b.admin {
+        out.push(format!(
+            "listeners.admin: {} -> {} (restart to rebind)",
+            a.admin, b.admin
+        ));
+    }
+    if a.workers != b.workers {
+        out.push(format!(
+            "listeners.workers: {} -> {} (restart to apply)",
+            a.workers, b.workers
+        ));
+    }
+    if running.upstream != next.upstream {
+        out.push("defaults.timeouts.connect / defaults.pool: changed (restart to apply to upstream pools)".into());
+    }
+    out
+}
+
+impl Actor for PolicyStore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(16);
+        self.watch(ctx);
+    }
+}
+
+/// Reload now.
+#[derive(Debug, Message)]
+#[rtype(result = "ReloadReport")]
+pub struct Reload(pub &'static str);
+
+impl Handler<Reload> for PolicyStore {
+    type Result = MessageResult<Reload>;
+
+    fn handle(&mut self, msg: Reload, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.reload(msg.0))
+    }
+}
+
+/// The watcher saw a change in a policy directory.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct FilesChanged;
+
+impl Handler<FilesChanged> for PolicyStore {
+    type Result = ();
+
+    fn handle(&mut self, _: FilesChanged, ctx: &mut Self::Context) {
+        if self.reload_scheduled {
+            return;
+        }
+        self.reload_scheduled = true;
+        ctx.run_later(DEBOUNCE, |store, _| {
+            store.reload_scheduled = false;
+            store.reload("file change");
+        });
+    }
+}
+
+/// The current status.
+#[derive(Debug, Message)]
+#[rtype(result = "PolicyStatus")]
+pub struct Status;
+
+impl Handler<Status> for PolicyStore {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.status.clone())
+    }
+}
+
+/// A typed handle on the store.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle(Addr<PolicyStore>);
+
+impl PolicyHandle {
+    pub fn start(store: PolicyStore) -> Self {
+        Self(store.start())
+    }
+
+    /// Reloads now and reports what happened.
+    pub async fn reload(&self, trigger: &'static str) -> Result<ReloadReport, MailboxError> {
+        self.0.send(Reload(trigger)).await
+    }
+
+    pub async fn status(&self) -> Result<PolicyStatus, MailboxError> {
+        self.0.send(Status).await
+    }
+}
