@@ -165,14 +165,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     let egress = policy.listeners.egress;
     let admin = policy.listeners.admin;
-    let listeners = Listeners {
-        egress: TcpListener::bind(egress).with_context(|| format!("cannot listen on {egress}"))?,
-        admin: Some(
-            TcpListener::bind(admin)
-                .with_context(|| format!("cannot listen on {admin} (admin)"))?,
-        ),
-    };
     actix_rt::System::new().block_on(async move {
+        // Take over SIGHUP before anything listens: its default action would end a sidecar that a supervisor
+        // signals while it starts.
+        let _sighup = actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup())?;
+        let listeners = Listeners {
+            egress: TcpListener::bind(egress).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {egress}: {e}"))
+            })?,
+            admin: Some(TcpListener::bind(admin).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {admin} (admin): {e}"))
+            })?),
+        };
         let summary = (
             policy.source.clone(),
             policy.services.len(),

@@ -170,3 +170,38 @@ async fn sidecar_port_accepts_the_seed_form_with_a_colon() {
         200
     );
 }
+
+#[actix_rt::test]
+async fn sighup_reloads_the_policy() {
+    let dir = temp_dir("sighup");
+    let file = dir.join("policy.yaml");
+    std::fs::write(
+        &file,
+        "services:\n  orders:\n    endpoints: ['127.0.0.1:9']\n",
+    )
+    .unwrap();
+    let admin_port = support::process::free_port();
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy").arg(&file).env_remove("SIDECAR_CONFIG");
+    let sidecar = SidecarProcess::spawn_with_admin(cmd, admin_port);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &sidecar.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = std::time::Instant::now();
+    loop {
+        let reply = request(admin, "GET /admin/policy HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        if reply.json()["last_reload"]["trigger"] == "SIGHUP" {
+            assert_eq!(reply.json()["last_reload"]["result"], "unchanged");
+            break;
+        }
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "SIGHUP never reloaded the policy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

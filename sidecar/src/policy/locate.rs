@@ -19,18 +19,20 @@ enum Segment<'a> {
 fn segments(path: &str) -> Vec<Segment<'_>> {
     let mut out = Vec::new();
     for part in path.split('.') {
-        let (key, mut rest) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
+        let (key, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
         if !key.is_empty() {
             out.push(Segment::Key(key));
         }
-        while let Some(end) = rest.find(']') {
-            if let Ok(i) = rest[1..end].parse() {
-                out.push(Segment::Index(i));
+        // `[n]` suffixes; anything else (a `]` in a name, say) ends the part.
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some((index, after)) = inner.split_once(']') else {
+                break;
+            };
+            match index.parse() {
+                Ok(i) => out.push(Segment::Index(i)),
+                Err(_) => break,
             }
-            rest = &rest[end + 1..];
+            rest = after;
         }
     }
     out
@@ -186,6 +188,15 @@ dispatch:
     fn stops_at_the_nearest_key_inside_flow_collections() {
         assert_eq!(at("services.orders.timeouts.request"), (9, 5));
         assert_eq!(at("services.payments.endpoints[0]"), (11, 5));
+    }
+
+    #[test]
+    fn odd_names_in_paths_are_not_a_crash() {
+        assert_eq!(
+            locate(DOC, "services.a]b.endpoints[0]"),
+            Some(Position { line: 4, column: 1 })
+        );
+        assert_eq!(locate(DOC, "x[[1]"), None);
     }
 
     #[test]

@@ -48,12 +48,17 @@ pub struct SidecarProcess {
 
 impl SidecarProcess {
     /// Starts the binary with `SIDECAR_PORT` set and waits until it accepts connections.
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_with_admin(cmd, 0)
+    }
+
+    /// As `spawn`, with the admin listener on a given port (0: any).
+    pub fn spawn_with_admin(mut cmd: Command, admin_port: u16) -> Self {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = cmd
             .arg("--admin")
-            .arg("127.0.0.1:0")
+            .arg(format!("127.0.0.1:{admin_port}"))
             .env("SIDECAR_PORT", port.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -77,6 +82,10 @@ impl SidecarProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Peak resident memory so far (`VmHWM`), in bytes.

@@ -1,0 +1,81 @@
+//! The documentation and the shipped policies cannot rot: every YAML example in `docs/` and every file in
+//! `policies/` must be accepted, as a policy or as a seed dispatcher `config.yaml`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+use std::path::{Path, PathBuf};
+
+use sidecar::policy::Policy;
+use sidecar::policy::seed::DispatchRules;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (n, line) in markdown.lines().enumerate() {
+        match &mut current {
+            None if line.trim_start().starts_with("```yaml") => {
+                current = Some((n + 1, String::new()))
+            }
+            Some(_) if line.trim_start().starts_with("```") => blocks.extend(current.take()),
+            Some((_, text)) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
+}
+
+fn accepted(name: &str, text: &str) -> Result<(), String> {
+    let as_policy = Policy::from_yaml(name, text);
+    let as_seed = DispatchRules::from_seed_yaml(name, text);
+    match (as_policy, as_seed) {
+        (Ok(_), _) | (_, Ok(_)) => Ok(()),
+        (Err(p), Err(s)) => Err(format!("as a policy: {p}\nas a seed config: {s}")),
+    }
+}
+
+#[test]
+fn every_yaml_example_in_the_docs_is_accepted() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "md") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (line, block) in yaml_blocks(&text) {
+            let name = format!("{}:{line}", path.display());
+            if let Err(e) = accepted(&name, &block) {
+                panic!("the example at {name} is rejected:\n{e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "only {checked} examples found");
+}
+
+#[test]
+fn every_file_in_policies_is_accepted() {
+    let dir = repo().join("policies");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = accepted(&path.display().to_string(), &text) {
+            panic!("{} is rejected:\n{e}", path.display());
+        }
+    }
+    Policy::load(&dir).expect("the policies directory loads as a whole");
+}

@@ -1,0 +1,321 @@
+//! Live reload: valid edits are applied whole, invalid ones are reported and change nothing, and traffic
+//! flowing during edits never fails nor sees half of a policy.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sidecar::policy::store::PolicySource;
+use support::{Conn, DEADLINE, RawUpstream, Sidecar, get, request, response};
+
+fn policy_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sidecar-reload-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes a file the way editors and config maps do: a temporary file renamed over the old one.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn orders_policy(endpoint: &RawUpstream) -> String {
+    format!(
+        "services:\n  orders:\n    endpoints: ['{}']\n",
+        endpoint.addr
+    )
+}
+
+/// An upstream that answers with its own name.
+async fn named(name: &'static str) -> RawUpstream {
+    RawUpstream::start(move |_| response(200, &[("content-length", "1")], name.as_bytes())).await
+}
+
+async fn admin_json(sidecar: &Sidecar, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let reply = request(
+        sidecar.admin,
+        &format!("{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n"),
+    )
+    .await;
+    (reply.status, reply.json())
+}
+
+/// Sends requests to `orders` until the answer is `want`, within the deadline.
+async fn until_served_by(sidecar: &Sidecar, want: &str) {
+    let start = Instant::now();
+    loop {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        if reply.status == 200 && reply.text() == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the new policy was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_valid_edit_is_picked_up_by_the_watcher_and_applied_whole() {
+    let (a, b) = (named("A").await, named("B").await);
+    let dir = policy_dir("watch");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_source(PolicySource {
+        policy: Some(dir.clone()),
+        ..PolicySource::default()
+    });
+    until_served_by(&sidecar, "A").await;
+
+    replace(&file, &orders_policy(&b));
+    until_served_by(&sidecar, "B").await;
+
+    let (status, body) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["version"], 2);
+    assert_eq!(body["reloads_applied"], 1);
+    assert_eq!(body["last_reload"]["trigger"], "file change");
+    assert_eq!(body["files"][0], file.display().to_string());
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_invalid_edit_keeps_the_old_policy_and_says_why_everywhere() {
+    let a = named("A").await;
+    let dir = policy_dir("invalid");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    // Watch a directory of the policy's own so the test's edits come only through the admin reload.
+    let sidecar = Sidecar::start_source(PolicySource {
+        policy: Some(file.clone()),
+        ..PolicySource::default()
+    });
+    let (_, before) = admin_json(&sidecar, "GET", "/admin/policy").await;
+
+    std::fs::write(&file, "services:\n  orders:\n    endpoints:\n      - 'ftp://nope'\n    timeouts:\n      request: 0s\n").unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 422, "{report}");
+    assert_eq!(report["result"], "rejected");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    let name = file.display().to_string();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with(&format!("{name}:4:9: services.orders.endpoints[0]: ")),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with(&format!("{name}:6:7: services.orders.timeouts.request: ")),
+        "{errors:?}"
+    );
+
+    // The old policy keeps serving, and the admin surface says what happened.
+    let reply = get(
+        sidecar.addr,
+        "/",
+        &[("target", "orders"), ("internal", "true")],
+    )
+    .await;
+    assert_eq!(reply.text(), "A");
+    let (_, after) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert_eq!(after["version"], before["version"]);
+    assert_eq!(after["hash"], before["hash"]);
+    assert_eq!(after["reloads_rejected"], 1);
+    assert_eq!(after["last_error"]["errors"][0], errors[0]);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn reloading_an_unchanged_policy_changes_nothing() {
+    let a = named("A").await;
+    let dir = policy_dir("unchanged");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_source(PolicySource {
+        policy: Some(file),
+        ..PolicySource::default()
+    });
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200);
+    assert_eq!(report["result"], "unchanged");
+    assert_eq!(report["version"], 1);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_listener_change_is_reported_as_needing_a_restart() {
+    let a = named("A").await;
+    let dir = policy_dir("listener");
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_source(PolicySource {
+        policy: Some(file.clone()),
+        ..PolicySource::default()
+    });
+    std::fs::write(
+        &file,
+        format!("listeners:\n  workers: 3\n{}", orders_policy(&a)),
+    )
+    .unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "applied");
+    assert!(
+        report["restart_required"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("listeners.workers: 1 -> 3"),
+        "{report}"
+    );
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert!(
+        status["restart_required"][0]
+            .as_str()
+            .unwrap()
+            .contains("workers")
+    );
+    sidecar.stop().await;
+}
+
+/// The version each upstream expects to see in `x-policy`: a request routed by one version and patched by
+/// another would be answered 500.
+async fn strict(name: &'static str, served: Arc<AtomicUsize>) -> RawUpstream {
+    RawUpstream::start(move |req| {
+        if req.header("x-policy") == Some(name) {
+            served.fetch_add(1, Ordering::Relaxed);
+            response(200, &[("content-length", "2")], b"ok")
+        } else {
+            response(500, &[("content-length", "5")], b"mixed")
+        }
+    })
+    .await
+}
+
+fn versioned(name: &str, upstream: &RawUpstream) -> String {
+    format!(
+        "dispatch:\n  key: x-client\n  destination: {url}\n  rewrites:\n    load:\n      destination: {url}\n      patch:\n        - key: x-policy\n          val: {name}\n",
+        url = upstream.url("")
+    )
+}
+
+#[actix_rt::test]
+async fn traffic_during_alternating_valid_and_invalid_edits_never_fails_nor_sees_half_a_policy() {
+    const RATE_PER_SEC: u64 = 2_000;
+    const RUN: Duration = Duration::from_secs(30);
+    const CONNECTIONS: u64 = 8;
+    let (served_a, served_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let a = strict("A", served_a.clone()).await;
+    let b = strict("B", served_b.clone()).await;
+    let dir = policy_dir("soak");
+    let file = dir.join("dispatch.yaml");
+    std::fs::write(&file, versioned("A", &a)).unwrap();
+    let sidecar = Sidecar::start_source(PolicySource {
+        policy: Some(dir.clone()),
+        ..PolicySource::default()
+    });
+
+    // The editor: every 500 ms, a valid switch to the other upstream, then an invalid edit.
+    let editor = {
+        let (file, a_text, b_text) = (file.clone(), versioned("A", &a), versioned("B", &b));
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut step = 0u32;
+            while start.elapsed() < RUN {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let text = match step % 4 {
+                    0 => b_text.clone(),
+                    2 => a_text.clone(),
+                    _ => "dispatch:\n  key: x-client\n  destinaton: http://typo\n".to_string(),
+                };
+                replace(&file, &text);
+                step += 1;
+            }
+            step
+        })
+    };
+
+    // The load: CONNECTIONS keep-alive connections, each paced to its share of the rate.
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (addr, sent) = (sidecar.addr, sent.clone());
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let mut tick = tokio::time::interval(Duration::from_micros(
+                1_000_000 * CONNECTIONS / RATE_PER_SEC,
+            ));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let start = Instant::now();
+            let mut failures = Vec::new();
+            while start.elapsed() < RUN {
+                tick.tick().await;
+                conn.send(b"GET /load HTTP/1.1\r\nhost: app\r\nx-client: load\r\n\r\n")
+                    .await;
+                let reply = conn.read(false).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if reply.status != 200 {
+                    failures.push(format!("{} {}", reply.status, reply.text()));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    let edits = editor.await.unwrap();
+
+    let total = sent.load(Ordering::Relaxed);
+    let (to_a, to_b) = (
+        served_a.load(Ordering::Relaxed),
+        served_b.load(Ordering::Relaxed),
+    );
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    eprintln!(
+        "{total} requests in {RUN:?} ({to_a} to A, {to_b} to B); {edits} edits; applied {}, rejected {}",
+        status["reloads_applied"], status["reloads_rejected"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        total >= RATE_PER_SEC * RUN.as_secs() * 9 / 10,
+        "only {total} requests were sent"
+    );
+    assert!(to_a > 0 && to_b > 0, "the policy never switched");
+    assert!(
+        status["reloads_applied"].as_u64().unwrap() >= 10,
+        "{status}"
+    );
+    assert!(
+        status["reloads_rejected"].as_u64().unwrap() >= 10,
+        "{status}"
+    );
+    sidecar.stop().await;
+}
