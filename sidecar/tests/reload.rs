@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sidecar::policy::store::PolicySource;
 use support::{Conn, DEADLINE, RawUpstream, Sidecar, get, request, response};
 
 fn policy_dir(name: &str) -> PathBuf {
@@ -79,10 +78,7 @@ async fn a_valid_edit_is_picked_up_by_the_watcher_and_applied_whole() {
     let dir = policy_dir("watch");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_source(PolicySource {
-        policy: Some(dir.clone()),
-        ..PolicySource::default()
-    });
+    let sidecar = Sidecar::start_path(&dir);
     until_served_by(&sidecar, "A").await;
 
     replace(&file, &orders_policy(&b));
@@ -104,10 +100,7 @@ async fn an_invalid_edit_keeps_the_old_policy_and_says_why_everywhere() {
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
     // Watch a directory of the policy's own so the test's edits come only through the admin reload.
-    let sidecar = Sidecar::start_source(PolicySource {
-        policy: Some(file.clone()),
-        ..PolicySource::default()
-    });
+    let sidecar = Sidecar::start_path(&file);
     let (_, before) = admin_json(&sidecar, "GET", "/admin/policy").await;
 
     std::fs::write(&file, "services:\n  orders:\n    endpoints:\n      - 'ftp://nope'\n    timeouts:\n      request: 0s\n").unwrap();
@@ -153,10 +146,7 @@ async fn reloading_an_unchanged_policy_changes_nothing() {
     let dir = policy_dir("unchanged");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_source(PolicySource {
-        policy: Some(file),
-        ..PolicySource::default()
-    });
+    let sidecar = Sidecar::start_path(&file);
     let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
     assert_eq!(status, 200);
     assert_eq!(report["result"], "unchanged");
@@ -170,10 +160,7 @@ async fn a_listener_change_is_reported_as_needing_a_restart() {
     let dir = policy_dir("listener");
     let file = dir.join("p.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_source(PolicySource {
-        policy: Some(file.clone()),
-        ..PolicySource::default()
-    });
+    let sidecar = Sidecar::start_path(&file);
     std::fs::write(
         &file,
         format!("listeners:\n  workers: 3\n{}", orders_policy(&a)),
@@ -231,10 +218,7 @@ async fn traffic_during_alternating_valid_and_invalid_edits_never_fails_nor_sees
     let dir = policy_dir("soak");
     let file = dir.join("dispatch.yaml");
     std::fs::write(&file, versioned("A", &a)).unwrap();
-    let sidecar = Sidecar::start_source(PolicySource {
-        policy: Some(dir.clone()),
-        ..PolicySource::default()
-    });
+    let sidecar = Sidecar::start_path(&dir);
 
     // The editor: every 500 ms, a valid switch to the other upstream, then an invalid edit.
     let editor = {

@@ -42,6 +42,14 @@ impl Sidecar {
         Self::start_with(source, policy)
     }
 
+    /// Starts the sidecar on a policy file or directory with no other source.
+    pub fn start_path(path: &std::path::Path) -> Self {
+        Self::start_source(PolicySource {
+            policy: Some(path.to_path_buf()),
+            ..PolicySource::default()
+        })
+    }
+
     fn start_with(source: PolicySource, policy: Policy) -> Self {
         let listeners = server::Listeners {
             egress: StdListener::bind("127.0.0.1:0").expect("bind port 0"),
