@@ -7,8 +7,8 @@ use std::fmt;
 use std::io;
 
 use actix_http::body::BoxBody;
-use actix_http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
-use actix_http::{Response, StatusCode};
+use actix_http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_http::{ConnectionType, Response, StatusCode};
 use awc::error::{ConnectError, SendRequestError};
 
 /// The header naming the cause on every response the sidecar makes itself.
@@ -145,6 +145,7 @@ impl ProxyError {
                     Cause::UpstreamUnresolvable
                 }
                 ConnectError::SslIsNotSupported => Cause::UpstreamTls,
+                ConnectError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Cause::ConnectTimeout,
                 ConnectError::Io(e) => classify_io(e),
                 _ => Cause::UpstreamReset,
             },
@@ -176,8 +177,8 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause.as_str()));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if cause == Cause::RequestBody || cause == Cause::HeadersTooLarge {
-            // The request stream is in an unknown state: never read another request from it.
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            // The request body was not read (or failed): never read another request from this connection.
+            res.head_mut().set_connection_type(ConnectionType::Close);
         }
         res
     }
@@ -189,7 +190,6 @@ fn classify_io(e: &io::Error) -> Cause {
     }
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Cause::UpstreamRefused,
-        io::ErrorKind::TimedOut => Cause::ConnectTimeout,
         io::ErrorKind::InvalidData => Cause::UpstreamProtocol,
         _ => Cause::UpstreamReset,
     }

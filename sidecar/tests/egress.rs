@@ -321,3 +321,50 @@ async fn expect_continue_is_answered_by_the_sidecar_and_not_forwarded() {
     assert!(seen.header("expect").is_none(), "{}", seen.head);
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_304_with_content_length_ends_without_a_body_and_the_connection_goes_on() {
+    let upstream = RawUpstream::start(|req| {
+        if req.target == "/cached" {
+            response(304, &[("content-length", "10"), ("etag", "\"v1\"")], b"")
+        } else {
+            response(200, &[("content-length", "2")], b"ok")
+        }
+    })
+    .await;
+    let sidecar = Sidecar::start(NO_POLICY);
+    let mut conn = Conn::open(sidecar.addr).await;
+    let target = upstream.url("");
+    conn.send(format!("GET /cached HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\n\r\n").as_bytes())
+        .await;
+    let reply = conn.read(false).await;
+    assert_eq!(reply.status, 304);
+    assert_eq!(reply.header("etag"), Some("\"v1\""));
+    assert_eq!(reply.header("content-length"), Some("10"), "{}", reply.head);
+    // The app's connection is not left waiting for ten bytes that never come.
+    conn.send(format!("GET /next HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(conn.read(false).await.text(), "ok");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_head_response_keeps_its_length_and_has_no_body() {
+    let upstream = RawUpstream::start(|_| response(200, &[("content-length", "1234")], b"")).await;
+    let sidecar = Sidecar::start(NO_POLICY);
+    let mut conn = Conn::open(sidecar.addr).await;
+    let target = upstream.url("");
+    for _ in 0..2 {
+        conn.send(format!("HEAD /h HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\n\r\n").as_bytes())
+            .await;
+        let reply = conn.read(true).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("content-length"),
+            Some("1234"),
+            "{}",
+            reply.head
+        );
+    }
+    sidecar.stop().await;
+}

@@ -230,7 +230,14 @@ async fn a_header_section_over_64_kib_gets_431() {
         let raw = format!("GET / HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\nx-big: {big}\r\n\r\n");
         // The sidecar may answer and close before reading everything; a failed write is fine.
         let _ = conn.stream_mut().write_all(raw.as_bytes()).await;
-        assert_eq!(conn.read(false).await.status, 431, "{size} bytes");
+        let reply = conn.read(false).await;
+        assert_eq!(reply.status, 431, "{size} bytes");
+        if size < 128 * 1024 {
+            // Refused by the sidecar itself: it says why and closes, since the rest was never read.
+            assert_eq!(reply.header("x-sidecar-error"), Some("headers-too-large"));
+            assert_eq!(reply.header("connection"), Some("close"), "{}", reply.head);
+            assert!(conn.closed().await);
+        }
     }
     // Just under the limit still passes.
     let fine = "a".repeat(60 * 1024);

@@ -303,3 +303,29 @@ async fn traffic_during_alternating_valid_and_invalid_edits_never_fails_nor_sees
     );
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_request_timeout_change_applies_at_once_without_a_restart() {
+    let a = named("A").await;
+    let dir = policy_dir("timeout");
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    std::fs::write(
+        &file,
+        format!(
+            "defaults:\n  timeouts:\n    request: 3s\n{}",
+            orders_policy(&a)
+        ),
+    )
+    .unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "applied");
+    assert_eq!(
+        report["restart_required"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    sidecar.stop().await;
+}

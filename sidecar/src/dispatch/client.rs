@@ -21,7 +21,9 @@ pub fn tls_config() -> Arc<rustls::ClientConfig> {
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: awc's HTTP/2 path takes `:authority` from the URI and drops `Host`, which would silently
+    // undo a dispatch rule's `Host` patch.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }
 

@@ -11,7 +11,6 @@
 //! Any failure becomes a [`ProxyError`] response. No lock, no actor round trip, no header copy: the app's
 //! header map is moved into the upstream request and the upstream's into the response.
 
-use std::cell::RefCell;
 use std::mem;
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
@@ -58,43 +57,47 @@ impl Forwarder {
     async fn forward(&self, req: Request) -> Result<Response<ProxyBody>, ProxyError> {
         let peer = req.peer_addr();
         let (mut head, payload) = req.into_parts();
-
-        let snapshot = self.snapshot.load();
-        if head_size(&head) > snapshot.max_header_size {
-            return Err(ProxyError::new(
-                Cause::HeadersTooLarge,
-                "",
-                format!(
-                    "the request header section is over {} bytes",
-                    snapshot.max_header_size
-                ),
-            ));
-        }
-        let route = route(&snapshot, &head.headers)?;
-        let uri = route
-            .upstream
-            .uri_for(&head.uri)
-            .map_err(|why| ProxyError::new(Cause::BadTarget, route.upstream.to_string(), why))?;
-
         let body = request_body(&head);
-        let mut headers = mem::take(&mut head.headers);
-        strip_request(&mut headers);
-        headers.insert(HOST, route.upstream.host_header().clone());
-        for (name, value) in route.patch {
-            headers.insert(name.clone(), value.clone());
-        }
-        if route.forwarded_for
-            && let Some(peer) = peer
-        {
-            append_forwarded_for(&mut headers, peer.ip());
-        }
-
         let method = mem::replace(&mut head.method, Method::GET);
-        let is_head = method == Method::HEAD;
+
+        // Everything that needs the snapshot happens in this block: the guard is released before the upstream
+        // is awaited, so a slow upstream never pins an old policy.
+        let (uri, headers, timeout) = {
+            let snapshot = self.snapshot.load();
+            if head_size(&head) > snapshot.max_header_size {
+                return Err(ProxyError::new(
+                    Cause::HeadersTooLarge,
+                    "",
+                    format!(
+                        "the request header section is over {} bytes",
+                        snapshot.max_header_size
+                    ),
+                ));
+            }
+            let route = route(&snapshot, &head.headers)?;
+            let uri = route.upstream.uri_for(&head.uri).map_err(|why| {
+                ProxyError::new(Cause::BadTarget, route.upstream.to_string(), why)
+            })?;
+            let mut headers = mem::take(&mut head.headers);
+            strip_request(&mut headers);
+            headers.insert(HOST, route.upstream.host_header().clone());
+            for (name, value) in route.patch {
+                headers.insert(name.clone(), value.clone());
+            }
+            if route.forwarded_for
+                && let Some(peer) = peer
+            {
+                append_forwarded_for(&mut headers, peer.ip());
+            }
+            (uri, headers, route.request_timeout)
+        };
+
+        // Kept for the error body; cloning a URI only bumps reference counts.
+        let target = uri.clone();
         let mut upstream = self
             .client
             .request(method, uri)
-            .timeout(route.request_timeout)
+            .timeout(timeout)
             .no_decompress();
         *upstream.headers_mut() = headers;
         let sending = match body {
@@ -104,11 +107,10 @@ impl Forwarder {
             BodySize::Sized(n) => upstream.send_body(SizedStream::new(n, payload)),
             BodySize::Stream => upstream.send_stream(payload),
         };
-        let response = sending
-            .await
-            .map_err(|e| ProxyError::from_send(&e, route.upstream.to_string()))?;
-
-        Ok(relay(response, is_head))
+        match sending.await {
+            Ok(response) => Ok(relay(response)),
+            Err(e) => Err(ProxyError::from_send(&e, target.to_string())),
+        }
     }
 }
 
@@ -121,54 +123,46 @@ fn request_body(head: &RequestHead) -> BodySize {
         // The codec has already refused anything but a final `chunked` coding.
         return BodySize::Stream;
     }
-    match head.headers.get(CONTENT_LENGTH) {
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(BodySize::None, BodySize::Sized),
-        None => BodySize::None,
-    }
+    content_length(&head.headers).map_or(BodySize::None, BodySize::Sized)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Turns the upstream's response into the app's: status and end-to-end headers as they are (the header map is
 /// moved, not copied), the body streamed with the upstream's framing.
-fn relay(response: awc::ClientResponse, is_head: bool) -> Response<ProxyBody> {
+fn relay(response: awc::ClientResponse) -> Response<ProxyBody> {
     let status = response.status();
-    let taken = RefCell::new(HeaderMap::new());
+    let mut headers = HeaderMap::new();
     let response = response.map_body(|head, payload: Payload<_>| {
-        *taken.borrow_mut() = mem::take(&mut head.headers);
+        headers = mem::take(&mut head.headers);
         payload
     });
-    let mut headers = taken.into_inner();
     strip_hop_by_hop(&mut headers);
+    let length = content_length(&headers);
 
-    let length = if is_head || status == StatusCode::NOT_MODIFIED {
-        // No body follows; keep the upstream's Content-Length as it is.
-        headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+    let body = if status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+    {
+        // No body follows, whatever `Content-Length` says (a 304 keeps it as a header). Dropping the upstream
+        // response closes its connection rather than waiting for bytes that will not come.
+        drop(response);
+        EitherBody::right(BoxBody::new(()))
     } else {
-        response_length(&headers, status)
-    };
-    let body = match length {
-        Some(n) => EitherBody::left(EitherBody::left(SizedStream::new(n, response))),
-        None => EitherBody::left(EitherBody::right(BodyStream::new(response))),
+        match length {
+            // For HEAD the upstream's length is kept and no byte follows (the codec writes none).
+            Some(n) => EitherBody::left(EitherBody::left(SizedStream::new(n, response))),
+            None => EitherBody::left(EitherBody::right(BodyStream::new(response))),
+        }
     };
     let mut res = Response::with_body(status, body);
     *res.headers_mut() = headers;
     res
-}
-
-fn response_length(headers: &HeaderMap, status: StatusCode) -> Option<u64> {
-    if status.is_informational() || status == StatusCode::NO_CONTENT {
-        return Some(0);
-    }
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 // Keep the body type honest: both arms must be message bodies for `Response<ProxyBody>`.

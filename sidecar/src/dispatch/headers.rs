@@ -12,70 +12,75 @@ pub const INTERNAL: HeaderName = HeaderName::from_static("internal");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers that never cross the sidecar, in either direction.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
-
-/// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
+/// Hop-by-hop headers that never cross the sidecar, in either direction (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || *name == TE
+        || *name == TRAILER
+        || *name == TRANSFER_ENCODING
+        || *name == UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == header::PROXY_AUTHENTICATE
 }
 
-/// Prepares an app request's headers for the upstream: hop-by-hop and sidecar headers go, `Expect:
-/// 100-continue` goes too (the sidecar's listener already answered it to the app).
-pub fn strip_request(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(TARGET);
-    headers.remove(INTERNAL);
-    if headers
-        .get(EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-    {
-        headers.remove(EXPECT);
+/// Header names listed in `Connection` beyond the usual `close` and `keep-alive` (rare: usually empty, and
+/// then nothing is allocated).
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                named.push(name);
+            }
+        }
     }
+    named
+}
+
+/// Removes `Connection`, every header it names, and the fixed hop-by-hop set, in one pass.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, |_| false);
+}
+
+fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let named = named_by_connection(headers);
+    headers.retain(|name, _| !(is_hop_by_hop(name) || also(name) || named.contains(name)));
+}
+
+/// Prepares an app request's headers for the upstream: hop-by-hop and sidecar headers go, and so does
+/// `Expect: 100-continue` (the sidecar's listener already answered it to the app).
+pub fn strip_request(headers: &mut HeaderMap) {
+    let expect_continue = headers
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    strip(headers, |name| {
+        *name == TARGET || *name == INTERNAL || (expect_continue && *name == EXPECT)
+    });
 }
 
 /// Appends the client address to `X-Forwarded-For`, joining earlier values into one header as the seed
 /// dispatcher (Go's reverse proxy) does.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    use std::fmt::Write;
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    let client = client.to_string();
-    let value = if headers.contains_key(&XFF) {
-        let mut joined = String::new();
-        for v in headers.get_all(&XFF) {
-            if let Ok(v) = v.to_str() {
-                joined.push_str(v);
-                joined.push_str(", ");
-            }
+    let mut value = String::with_capacity(64);
+    for earlier in headers.get_all(&XFF) {
+        if let Ok(text) = earlier.to_str() {
+            value.push_str(text);
+            value.push_str(", ");
         }
-        joined.push_str(&client);
-        joined
-    } else {
-        client
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    }
+    let _infallible = write!(value, "{client}");
+    if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(XFF, v);
     }
 }

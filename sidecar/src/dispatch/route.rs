@@ -21,8 +21,6 @@ pub struct Route<'a> {
     /// Append the client address to `X-Forwarded-For` (dispatch rules, as the seed does).
     pub forwarded_for: bool,
     pub request_timeout: Duration,
-    /// The service name, for `internal: true` targets.
-    pub service: Option<&'a str>,
 }
 
 /// An upstream parsed for this request (a `target` URL) or borrowed from the snapshot.
@@ -55,7 +53,6 @@ pub fn route<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Result<Route<'a
                 patch: &rewrite.patch,
                 forwarded_for: true,
                 request_timeout: snapshot.request_timeout,
-                service: None,
             })
         }
         None => Err(ProxyError::new(
@@ -107,7 +104,6 @@ fn route_target<'a>(
             patch: &[],
             forwarded_for: false,
             request_timeout: service.request_timeout(),
-            service: Some(&service.name),
         });
     }
     let upstream = Upstream::parse(text).map_err(|why| {
@@ -123,7 +119,6 @@ fn route_target<'a>(
         patch: &[],
         forwarded_for: false,
         request_timeout: snapshot.request_timeout,
-        service: None,
     })
 }
 

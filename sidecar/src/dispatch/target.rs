@@ -98,10 +98,6 @@ impl Upstream {
         &self.host
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
     pub fn is_https(&self) -> bool {
         self.scheme == Scheme::HTTPS
     }

@@ -228,15 +228,17 @@ impl Policy {
             sources.0.push((name, text));
         }
         let source = path.display().to_string();
-        let validated = merged.unwrap_or_default().validate(&source);
-        if let Err(mut more) = validated.as_ref().map(|_| ()).map_err(Clone::clone) {
-            issues.append(&mut more);
-        }
+        let validated = match merged.unwrap_or_default().validate(&source) {
+            Ok(policy) => Some(policy),
+            Err(more) => {
+                issues.extend(more);
+                None
+            }
+        };
         errors.extend(PolicyErrors::render(issues, &sources).errors);
-        if !errors.is_empty() {
+        let Some(mut policy) = validated.filter(|_| errors.is_empty()) else {
             return Err(PolicyErrors { errors });
-        }
-        let mut policy = validated.map_err(|issues| PolicyErrors::render(issues, &sources))?;
+        };
         policy.source = source;
         policy.files = files;
         policy.hash = sources.hash();
@@ -246,12 +248,15 @@ impl Policy {
     /// Adds dispatch rules from a seed dispatcher `config.yaml`; a policy that already has rules is an error
     /// naming both places, never a silent choice.
     pub fn with_seed_dispatch(mut self, file: &Path) -> Result<Self, PolicyErrors> {
-        let rules = DispatchRules::load_seed_file(file)?;
-        if let Ok(text) = std::fs::read_to_string(file) {
-            let mut mixed = Sources::one(&file.display().to_string(), &text);
-            mixed.0.push((String::new(), self.hash.to_string()));
-            self.hash = mixed.hash();
-        }
+        let name = file.display().to_string();
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| PolicyErrors::one(format!("{name}: cannot read dispatch config: {e}")))?;
+        // The rules and the hash come from the same read, so a file replaced meanwhile cannot pair new
+        // contents with an old hash.
+        let rules = DispatchRules::from_seed_yaml(&name, &text)?;
+        let mut mixed = Sources::one(&name, &text);
+        mixed.0.push((String::new(), self.hash.to_string()));
+        self.hash = mixed.hash();
         if self.dispatch.is_some() {
             return Err(PolicyErrors::one(format!(
                 "{}: dispatch rules are defined twice: in {} and in the policy {}",
@@ -262,13 +267,6 @@ impl Policy {
         }
         self.dispatch = Some(rules);
         Ok(self)
-    }
-
-    /// The timeouts for a service (or for a plain URL target when `service` is `None`).
-    pub fn request_timeout(&self, service: Option<&str>) -> Duration {
-        service
-            .and_then(|s| self.services.get(s))
-            .map_or(self.upstream.timeouts.request, |s| s.request_timeout)
     }
 }
 

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 
 use actix_http::header::{HeaderName, HeaderValue};
@@ -54,14 +53,6 @@ impl DispatchRules {
             .and_then(|k| headers.get(k))
             .and_then(|v| self.rewrites.get(v.as_bytes()))
             .unwrap_or(&self.default)
-    }
-
-    /// Loads a seed dispatcher `config.yaml`.
-    pub fn load_seed_file(path: &Path) -> Result<Self, PolicyErrors> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PolicyErrors::one(format!("{name}: cannot read dispatch config: {e}")))?;
-        Self::from_seed_yaml(&name, &text)
     }
 
     /// Parses the seed dispatcher format.

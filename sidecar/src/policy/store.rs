@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use notify::Watcher;
@@ -20,6 +20,8 @@ use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// Events closer together than this are one change (editors write a file in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// A change is read at the latest this long after its first event, however busy the directory.
+const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Where the policy is read from, and the command line's overrides applied to every version of it.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +68,27 @@ impl PolicySource {
             listeners.workers = workers;
         }
         Ok(policy)
+    }
+
+    /// Whether a changed path can change the policy: the policy file itself, a `*.yaml`/`*.yml` file of the
+    /// policy directory, or the seed file.
+    fn concerns(&self, changed: &Path) -> bool {
+        // Only the watched directories report events, so the file name is enough (and paths may be relative
+        // here and absolute in events).
+        let same = |a: &Path, b: &Path| a.file_name() == b.file_name();
+        if self.dispatch.as_deref().is_some_and(|d| same(d, changed)) {
+            return true;
+        }
+        match &self.policy {
+            Some(p) if p.is_dir() => {
+                matches!(
+                    changed.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                )
+            }
+            Some(p) => same(p, changed),
+            None => false,
+        }
     }
 
     /// The directories to watch: a policy directory itself, or the directory holding a file (files are often
@@ -143,7 +166,8 @@ pub struct PolicyStore {
     snapshot: SharedSnapshot,
     active: Policy,
     status: PolicyStatus,
-    reload_scheduled: bool,
+    /// The pending debounced reload and when its burst of events began.
+    scheduled: Option<(SpawnHandle, Instant)>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -188,7 +212,7 @@ impl PolicyStore {
             snapshot,
             active: policy,
             status,
-            reload_scheduled: false,
+            scheduled: None,
             watcher: None,
         }
     }
@@ -280,8 +304,11 @@ impl PolicyStore {
             return;
         }
         let addr = ctx.address();
+        let source = self.source.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            let relevant = event
+                .is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| source.concerns(p)));
+            if relevant {
                 // A full mailbox already holds a change to handle; dropping this one loses nothing.
                 let _dropped_when_full = addr.try_send(FilesChanged);
             }
@@ -327,8 +354,13 @@ fn needs_restart(running: &Policy, next: &Policy) -> Vec<String> {
             a.workers, b.workers
         ));
     }
-    if running.upstream != next.upstream {
-        out.push("defaults.timeouts.connect / defaults.pool: changed (restart to apply to upstream pools)".into());
+    // The request timeout applies at once (it is in the snapshot); these live in the upstream pools.
+    let (a, b) = (&running.upstream, &next.upstream);
+    if a.timeouts.connect != b.timeouts.connect {
+        out.push("defaults.timeouts.connect: changed (restart to apply to upstream pools)".into());
+    }
+    if a.idle_timeout != b.idle_timeout || a.max_connections != b.max_connections {
+        out.push("defaults.pool: changed (restart to apply to upstream pools)".into());
     }
     out
 }
@@ -363,15 +395,25 @@ struct FilesChanged;
 impl Handler<FilesChanged> for PolicyStore {
     type Result = ();
 
+    /// Reloads once the files have been quiet for `DEBOUNCE`, so a write in several steps (or an edit across
+    /// several files) is read whole; a burst longer than `MAX_DELAY` is read anyway.
     fn handle(&mut self, _: FilesChanged, ctx: &mut Self::Context) {
-        if self.reload_scheduled {
-            return;
-        }
-        self.reload_scheduled = true;
-        ctx.run_later(DEBOUNCE, |store, _| {
-            store.reload_scheduled = false;
+        let began = match self.scheduled.take() {
+            Some((pending, began)) if began.elapsed() < MAX_DELAY => {
+                ctx.cancel_future(pending);
+                began
+            }
+            Some(kept) => {
+                self.scheduled = Some(kept);
+                return;
+            }
+            None => Instant::now(),
+        };
+        let pending = ctx.run_later(DEBOUNCE, |store, _| {
+            store.scheduled = None;
             store.reload("file change");
         });
+        self.scheduled = Some((pending, began));
     }
 }
 
