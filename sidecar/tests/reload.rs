@@ -154,35 +154,180 @@ async fn reloading_an_unchanged_policy_changes_nothing() {
     sidecar.stop().await;
 }
 
+/// A loopback socket on a free port, and a policy line naming it.
+fn socket() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    socket().1
+}
+
+fn with_listeners(
+    egress: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    workers: usize,
+    rest: &str,
+) -> String {
+    format!("listeners:\n  egress: {egress}\n  admin: {admin}\n  workers: {workers}\n{rest}")
+}
+
 #[actix_rt::test]
-async fn a_listener_change_is_reported_as_needing_a_restart() {
+async fn a_moved_admin_listener_leaves_egress_connections_alone() {
     let a = named("A").await;
-    let dir = policy_dir("listener");
+    let dir = policy_dir("move-admin");
     let file = dir.join("p.yaml");
-    std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_path(&file);
+    let ((egress, egress_addr), (admin, admin_addr)) = (socket(), socket());
     std::fs::write(
         &file,
-        format!("listeners:\n  workers: 3\n{}", orders_policy(&a)),
+        with_listeners(egress_addr, admin_addr, 1, &orders_policy(&a)),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start_exact(&file, egress, admin);
+
+    // An app connection, kept alive across the change.
+    let mut app = Conn::open(sidecar.addr).await;
+    let call = b"GET / HTTP/1.1\r\nhost: x\r\ntarget: orders\r\ninternal: true\r\n\r\n";
+    app.send(call).await;
+    assert_eq!(app.read(false).await.text(), "A");
+
+    let new_admin = free_addr();
+    std::fs::write(
+        &file,
+        with_listeners(egress_addr, new_admin, 1, &orders_policy(&a)),
     )
     .unwrap();
     let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
     assert_eq!(status, 200, "{report}");
-    assert_eq!(report["result"], "applied");
+    assert_eq!(
+        report["listener_changes"][0],
+        format!("admin listener moved to {new_admin}"),
+        "{report}"
+    );
+    assert_eq!(report["restart_required"], serde_json::json!([]));
+
+    let moved = request(new_admin, "GET /admin/policy HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(moved.status, 200);
+    assert_eq!(moved.json()["version"], 2);
+    app.send(call).await;
+    assert_eq!(
+        app.read(false).await.text(),
+        "A",
+        "the app's connection was disturbed"
+    );
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_moved_egress_listener_serves_at_once_and_lets_requests_in_flight_finish() {
+    let slow_started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let slow = {
+        let (started, release) = (slow_started.clone(), release.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                .await
+                .unwrap();
+            started.notify_one();
+            release.notified().await;
+            tokio::io::AsyncWriteExt::write_all(
+                &mut s,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow",
+            )
+            .await
+            .unwrap();
+        });
+        addr
+    };
+    let a = named("A").await;
+    let dir = policy_dir("move-egress");
+    let file = dir.join("p.yaml");
+    let ((egress, egress_addr), (admin, admin_addr)) = (socket(), socket());
+    std::fs::write(
+        &file,
+        with_listeners(egress_addr, admin_addr, 1, &orders_policy(&a)),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start_exact(&file, egress, admin);
+
+    // A request in flight on the old listener.
+    let in_flight = tokio::spawn(async move {
+        get(egress_addr, "/", &[("target", &format!("http://{slow}/"))]).await
+    });
+    slow_started.notified().await;
+
+    let new_egress = free_addr();
+    std::fs::write(
+        &file,
+        with_listeners(new_egress, admin_addr, 2, &orders_policy(&a)),
+    )
+    .unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report["listener_changes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!(
+                "egress listener restarted on {new_egress} with 2 worker(s)"
+            )),
+        "{report}"
+    );
+
+    let moved = get(
+        new_egress,
+        "/",
+        &[("target", "orders"), ("internal", "true")],
+    )
+    .await;
+    assert_eq!(moved.text(), "A");
+    release.notify_one();
+    let finished = in_flight.await.unwrap();
+    assert_eq!(finished.status, 200);
+    assert_eq!(finished.text(), "slow");
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_egress_address_already_taken_is_reported_and_the_old_listener_stays() {
+    let a = named("A").await;
+    let dir = policy_dir("taken");
+    let file = dir.join("p.yaml");
+    let ((egress, egress_addr), (admin, admin_addr)) = (socket(), socket());
+    std::fs::write(
+        &file,
+        with_listeners(egress_addr, admin_addr, 1, &orders_policy(&a)),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start_exact(&file, egress, admin);
+    let (_taken, taken_addr) = socket();
+    std::fs::write(
+        &file,
+        with_listeners(taken_addr, admin_addr, 1, &orders_policy(&a)),
+    )
+    .unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
     assert!(
         report["restart_required"][0]
             .as_str()
             .unwrap()
-            .starts_with("listeners.workers: 1 -> 3"),
+            .starts_with(&format!("listeners.egress: cannot move to {taken_addr}")),
         "{report}"
     );
-    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
-    assert!(
-        status["restart_required"][0]
-            .as_str()
-            .unwrap()
-            .contains("workers")
-    );
+    let still = get(
+        egress_addr,
+        "/",
+        &[("target", "orders"), ("internal", "true")],
+    )
+    .await;
+    assert_eq!(still.text(), "A");
     sidecar.stop().await;
 }
 

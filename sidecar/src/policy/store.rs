@@ -115,6 +115,13 @@ impl PolicySource {
     }
 }
 
+/// The listeners, as the store drives them when a policy changes their addresses, workers or pools.
+pub trait ListenerControl {
+    /// Applies the listener and pool settings of `next`; one result per change, `Err` when a change could not
+    /// be made (the listener then stays as it was).
+    fn apply(&mut self, running: &Policy, next: &Policy) -> Vec<Result<String, String>>;
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -136,7 +143,9 @@ pub struct ReloadReport {
     /// The version serving after the attempt.
     pub version: u64,
     pub errors: Vec<String>,
-    /// Changes that were validated but only take effect after a restart.
+    /// Listeners replaced by this reload (their old servers drain).
+    pub listener_changes: Vec<String>,
+    /// Changes that were validated but could not be applied to the running listeners.
     pub restart_required: Vec<String>,
 }
 
@@ -169,6 +178,7 @@ pub struct PolicyStore {
     /// The pending debounced reload and when its burst of events began.
     scheduled: Option<(SpawnHandle, Instant)>,
     watcher: Option<notify::RecommendedWatcher>,
+    listeners: Option<Box<dyn ListenerControl>>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -214,7 +224,14 @@ impl PolicyStore {
             status,
             scheduled: None,
             watcher: None,
+            listeners: None,
         }
+    }
+
+    /// Lets the store move listeners when a policy changes them.
+    pub fn with_listeners(mut self, listeners: Box<dyn ListenerControl>) -> Self {
+        self.listeners = Some(listeners);
+        self
     }
 
     /// Reads the sources again and publishes them if they are valid and changed.
@@ -231,6 +248,7 @@ impl PolicyStore {
                     result: ReloadResult::Rejected,
                     version: self.status.version,
                     errors: errors.errors,
+                    listener_changes: Vec::new(),
                     restart_required: Vec::new(),
                 }
             }
@@ -242,6 +260,7 @@ impl PolicyStore {
                     result: ReloadResult::Unchanged,
                     version: self.status.version,
                     errors: Vec::new(),
+                    listener_changes: Vec::new(),
                     restart_required: Vec::new(),
                 }
             }
@@ -254,10 +273,36 @@ impl PolicyStore {
         report
     }
 
-    fn apply(&mut self, policy: Policy, trigger: &'static str) -> ReloadReport {
-        let restart_required = needs_restart(&self.active, &policy);
-        for what in &restart_required {
-            tracing::warn!(change = %what, "policy change needs a restart to take effect");
+    fn apply(&mut self, mut policy: Policy, trigger: &'static str) -> ReloadReport {
+        let (mut listener_changes, mut restart_required) = (Vec::new(), Vec::new());
+        match self.listeners.as_mut() {
+            Some(control) => {
+                for result in control.apply(&self.active, &policy) {
+                    match result {
+                        Ok(change) => {
+                            tracing::info!(change = %change, "listener changed");
+                            listener_changes.push(change);
+                        }
+                        Err(failure) => {
+                            tracing::warn!(failure = %failure, "listener change not applied; restart to apply it");
+                            restart_required.push(failure);
+                        }
+                    }
+                }
+            }
+            None => {
+                restart_required = needs_restart(&self.active, &policy);
+                for what in &restart_required {
+                    tracing::warn!(change = %what, "policy change needs a restart to take effect");
+                }
+            }
+        }
+        if !restart_required.is_empty() {
+            // What runs is what started: a later reload compares against it and tries again.
+            policy.listeners.egress = self.active.listeners.egress;
+            policy.listeners.admin = self.active.listeners.admin;
+            policy.listeners.workers = self.active.listeners.workers;
+            policy.upstream = self.active.upstream.clone();
         }
         let version = self.status.version + 1;
         let next = Snapshot::build(&policy, version, Some(&self.snapshot.load()));
@@ -283,10 +328,6 @@ impl PolicyStore {
         s.dispatch_rules = policy.dispatch.is_some();
         s.reloads_applied += 1;
         s.restart_required = restart_required.clone();
-        // Listener and pool settings stay as they were started; remember them as the running ones.
-        let mut policy = policy;
-        policy.listeners = self.active.listeners.clone();
-        policy.upstream = self.active.upstream.clone();
         self.active = policy;
         ReloadReport {
             trigger,
@@ -294,6 +335,7 @@ impl PolicyStore {
             result: ReloadResult::Applied,
             version,
             errors: Vec::new(),
+            listener_changes,
             restart_required,
         }
     }
@@ -434,11 +476,13 @@ impl Handler<Status> for PolicyStore {
 #[derive(Debug, Clone)]
 pub struct PolicyHandle(Addr<PolicyStore>);
 
-impl PolicyHandle {
-    pub fn start(store: PolicyStore) -> Self {
-        Self(store.start())
+impl From<Addr<PolicyStore>> for PolicyHandle {
+    fn from(addr: Addr<PolicyStore>) -> Self {
+        Self(addr)
     }
+}
 
+impl PolicyHandle {
     /// Reloads now and reports what happened.
     pub async fn reload(&self, trigger: &'static str) -> Result<ReloadReport, MailboxError> {
         self.0.send(Reload(trigger)).await

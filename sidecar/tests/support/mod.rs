@@ -50,10 +50,41 @@ impl Sidecar {
         })
     }
 
-    fn start_with(source: PolicySource, policy: Policy) -> Self {
+    fn start_with(mut source: PolicySource, mut policy: Policy) -> Self {
+        let egress = StdListener::bind("127.0.0.1:0").expect("bind port 0");
+        let admin = StdListener::bind("127.0.0.1:0").expect("bind port 0");
+        // Pin the listeners to these sockets, as the command line pins them, so reloads never move them.
+        let (e, a) = (
+            egress.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+        );
+        source.overrides.egress_ip = Some(e.ip());
+        source.overrides.egress_port = Some(e.port());
+        source.overrides.admin = Some(a);
+        policy.listeners.egress = e;
+        policy.listeners.admin = a;
+        Self::start_on(source, policy, egress, admin)
+    }
+
+    /// Starts on given sockets with nothing pinned: the policy files name these addresses and may move them.
+    pub fn start_exact(path: &std::path::Path, egress: StdListener, admin: StdListener) -> Self {
+        let source = PolicySource {
+            policy: Some(path.to_path_buf()),
+            ..PolicySource::default()
+        };
+        let policy = source.load().expect("valid test policy");
+        Self::start_on(source, policy, egress, admin)
+    }
+
+    fn start_on(
+        source: PolicySource,
+        policy: Policy,
+        egress: StdListener,
+        admin: StdListener,
+    ) -> Self {
         let listeners = server::Listeners {
-            egress: StdListener::bind("127.0.0.1:0").expect("bind port 0"),
-            admin: Some(StdListener::bind("127.0.0.1:0").expect("bind port 0")),
+            egress,
+            admin: Some(admin),
         };
         let running = server::start(source, policy, listeners, RunOptions::default())
             .expect("sidecar starts");
