@@ -3,6 +3,8 @@
 //! Owns: the HTTP surface operators use on a running sidecar. `GET /admin/policy` shows the active policy's
 //! version, source files, content hash, reload counters and the last reload error; `POST /admin/reload` reloads
 //! now and answers 200 when the policy was applied or unchanged, 422 with every error when it was rejected.
+//! `GET /healthz` says the process is alive; `GET /readyz` says it should get traffic (policy loaded, listeners
+//! bound, not draining), or answers 503 with the reason.
 //! Does not own: the policy itself ([`crate::policy::store`]). The telemetry issue adds the rest of the surface.
 
 use std::net::TcpListener;
@@ -10,7 +12,29 @@ use std::net::TcpListener;
 use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::policy::store::{PolicyHandle, ReloadResult};
+
+/// Set once a SIGTERM/SIGINT starts the drain; readiness turns false.
+pub type Draining = Arc<AtomicBool>;
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "alive" }))
+}
+
+async fn readyz(handle: web::Data<PolicyHandle>, draining: web::Data<Draining>) -> HttpResponse {
+    if draining.load(Ordering::Acquire) {
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "ready": false, "reason": "draining: shutting down" }));
+    }
+    match handle.status().await {
+        Ok(status) => HttpResponse::Ok().json(serde_json::json!({ "ready": true, "policy_version": status.version })),
+        Err(e) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "ready": false, "reason": format!("policy store unavailable: {e}") })),
+    }
+}
 
 async fn policy(handle: web::Data<PolicyHandle>) -> HttpResponse {
     match handle.status().await {
@@ -36,20 +60,22 @@ async fn reload(handle: web::Data<PolicyHandle>) -> HttpResponse {
 /// Builds the admin server on a pre-bound listener.
 pub fn server(
     handle: PolicyHandle,
+    draining: Draining,
     listener: TcpListener,
-    signals: bool,
 ) -> std::io::Result<Server> {
-    let data = web::Data::new(handle);
-    let mut server = HttpServer::new(move || {
+    let (handle, draining) = (web::Data::new(handle), web::Data::new(draining));
+    Ok(HttpServer::new(move || {
         App::new()
-            .app_data(data.clone())
+            .app_data(handle.clone())
+            .app_data(draining.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
             .route("/admin/policy", web::get().to(policy))
             .route("/admin/reload", web::post().to(reload))
     })
     .workers(1)
-    .listen(listener)?;
-    if !signals {
-        server = server.disable_signals();
-    }
-    Ok(server.run())
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run())
 }

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix::{AsyncContext, Context};
@@ -18,6 +19,7 @@ use actix_rt::task::JoinHandle;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 
+use crate::admin::Draining;
 use crate::dispatch::{client, forward::Forwarder};
 use crate::policy::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
 use crate::policy::{Policy, UpstreamSettings};
@@ -38,25 +40,26 @@ pub struct Listeners {
 /// Options that are not policy: how the process is run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
-    /// Handle SIGINT/SIGTERM (stop) and SIGHUP (reload). The binary does; in-process tests do not.
+    /// Handle SIGTERM/SIGINT (drain, then stop) and SIGHUP (reload). The binary does; in-process tests do not.
     pub signals: bool,
 }
 
 /// Every server running now, and every task to wait for (servers being drained included).
 #[derive(Default)]
 struct Tasks {
-    handles: Vec<(u64, ServerHandle)>,
+    /// Running servers: id, whether it is the admin listener, handle.
+    handles: Vec<(u64, bool, ServerHandle)>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
     next_id: u64,
 }
 
 impl Tasks {
-    fn spawn(shared: &Rc<RefCell<Tasks>>, server: Server) -> (u64, ServerHandle) {
+    fn spawn(shared: &Rc<RefCell<Tasks>>, server: Server, admin: bool) -> (u64, ServerHandle) {
         let handle = server.handle();
         let mut tasks = shared.borrow_mut();
         tasks.next_id += 1;
         let id = tasks.next_id;
-        tasks.handles.push((id, handle.clone()));
+        tasks.handles.push((id, admin, handle.clone()));
         tasks.tasks.push(actix_rt::spawn(server));
         (id, handle)
     }
@@ -68,6 +71,7 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     pub snapshot: SharedSnapshot,
     pub policy: PolicyHandle,
+    draining: Draining,
     tasks: Rc<RefCell<Tasks>>,
 }
 
@@ -81,12 +85,10 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    /// Stops every listener; with `graceful`, in-flight requests finish first.
+    /// Stops every listener; with `graceful`, readiness turns false and requests in flight finish first (within
+    /// the drain timeout) while the admin listener keeps answering.
     pub async fn stop(&self, graceful: bool) {
-        let handles = std::mem::take(&mut self.tasks.borrow_mut().handles);
-        for (_, handle) in handles {
-            handle.stop(graceful).await;
-        }
+        drain(&self.tasks, &self.draining, graceful).await;
     }
 
     /// Runs until every listener stops, those started by later reloads included.
@@ -101,12 +103,20 @@ impl Running {
     }
 }
 
+async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) {
+    draining.store(true, Ordering::Release);
+    let handles = std::mem::take(&mut tasks.borrow_mut().handles);
+    let (admin, egress): (Vec<_>, Vec<_>) = handles.into_iter().partition(|(_, admin, _)| *admin);
+    for (_, _, handle) in egress.into_iter().chain(admin) {
+        handle.stop(graceful).await;
+    }
+}
+
 /// Builds egress servers: the same snapshot and TLS settings, the worker count and pool settings of a policy.
 #[derive(Clone)]
 struct EgressFactory {
     snapshot: SharedSnapshot,
     tls: Arc<rustls::ClientConfig>,
-    signals: bool,
 }
 
 impl EgressFactory {
@@ -114,6 +124,7 @@ impl EgressFactory {
         &self,
         listener: TcpListener,
         workers: usize,
+        drain_timeout: Duration,
         upstream: UpstreamSettings,
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
@@ -131,12 +142,11 @@ impl EgressFactory {
         .workers(workers)
         .keep_alive(APP_KEEP_ALIVE)
         .tcp_nodelay(true)
+        // Signals are the lifecycle task's: actix would stop at once on SIGINT.
+        .disable_signals()
+        .shutdown_timeout(drain_timeout.as_secs().max(1))
         .listen(listener)?;
-        Ok(if self.signals {
-            server.run()
-        } else {
-            server.disable_signals().run()
-        })
+        Ok(server.run())
     }
 }
 
@@ -152,11 +162,12 @@ impl Slot {
     fn start(
         tasks: &Rc<RefCell<Tasks>>,
         listener: TcpListener,
+        admin: bool,
         build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let socket = listener.try_clone()?;
-        let (id, handle) = Tasks::spawn(tasks, build(listener)?);
+        let (id, handle) = Tasks::spawn(tasks, build(listener)?, admin);
         Ok(Self {
             addr,
             socket,
@@ -170,6 +181,7 @@ impl Slot {
         &mut self,
         tasks: &Rc<RefCell<Tasks>>,
         addr: SocketAddr,
+        admin: bool,
         build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
     ) -> std::io::Result<()> {
         let listener = if addr == self.addr {
@@ -177,9 +189,12 @@ impl Slot {
         } else {
             TcpListener::bind(addr)?
         };
-        let next = Self::start(tasks, listener, build)?;
+        let next = Self::start(tasks, listener, admin, build)?;
         let old = std::mem::replace(self, next);
-        tasks.borrow_mut().handles.retain(|(id, _)| *id != old.id);
+        tasks
+            .borrow_mut()
+            .handles
+            .retain(|(id, _, _)| *id != old.id);
         // The old server stops accepting at once and finishes what it has; nothing waits for it here.
         actix_rt::spawn(async move { old.handle.stop(true).await });
         Ok(())
@@ -192,7 +207,7 @@ struct Servers {
     egress_factory: EgressFactory,
     egress: Slot,
     admin: Option<(Slot, PolicyHandle)>,
-    signals: bool,
+    draining: Draining,
 }
 
 impl ListenerControl for Servers {
@@ -202,17 +217,21 @@ impl ListenerControl for Servers {
         let pool_changed = running.upstream.timeouts.connect != next.upstream.timeouts.connect
             || running.upstream.idle_timeout != next.upstream.idle_timeout
             || running.upstream.max_connections != next.upstream.max_connections;
-        if a.egress != b.egress || a.workers != b.workers || pool_changed {
+        if a.egress != b.egress
+            || a.workers != b.workers
+            || a.drain_timeout != b.drain_timeout
+            || pool_changed
+        {
             let factory = self.egress_factory.clone();
-            let (workers, upstream) = (b.workers, next.upstream.clone());
+            let (workers, drain, upstream) = (b.workers, b.drain_timeout, next.upstream.clone());
             let what = format!(
                 "egress listener restarted on {} with {} worker(s); the previous one drains",
                 b.egress, b.workers
             );
             done.push(
                 self.egress
-                    .replace(&self.tasks, b.egress, |l| {
-                        factory.build(l, workers, upstream)
+                    .replace(&self.tasks, b.egress, false, |l| {
+                        factory.build(l, workers, drain, upstream)
                     })
                     .map(|()| what)
                     .map_err(|e| {
@@ -226,10 +245,10 @@ impl ListenerControl for Servers {
         if a.admin != b.admin
             && let Some((slot, handle)) = &mut self.admin
         {
-            let (handle, signals) = (handle.clone(), self.signals);
+            let (handle, draining) = (handle.clone(), self.draining.clone());
             done.push(
-                slot.replace(&self.tasks, b.admin, |l| {
-                    crate::admin::server(handle, l, signals)
+                slot.replace(&self.tasks, b.admin, true, |l| {
+                    crate::admin::server(handle, draining, l)
                 })
                 .map(|()| format!("admin listener moved to {}", b.admin))
                 .map_err(|e| {
@@ -261,15 +280,19 @@ pub fn start(
     crate::install_crypto_provider();
     let snapshot = Snapshot::shared(&policy);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
+    let draining = Draining::default();
     let egress_factory = EgressFactory {
         snapshot: snapshot.clone(),
         tls: client::tls_config(),
-        signals: options.signals,
     };
-    let (workers, upstream) = (policy.listeners.workers, policy.upstream.clone());
+    let (workers, drain_timeout, upstream) = (
+        policy.listeners.workers,
+        policy.listeners.drain_timeout,
+        policy.upstream.clone(),
+    );
     let factory = egress_factory.clone();
-    let egress = Slot::start(&tasks, listeners.egress, |l| {
-        factory.build(l, workers, upstream)
+    let egress = Slot::start(&tasks, listeners.egress, false, |l| {
+        factory.build(l, workers, drain_timeout, upstream)
     })?;
 
     // The admin routes talk to the store, and the store controls the admin listener: give the store its
@@ -278,9 +301,9 @@ pub fn start(
     let handle = PolicyHandle::from(context.address());
     let admin = match listeners.admin {
         Some(listener) => {
-            let (h, signals) = (handle.clone(), options.signals);
+            let (h, d) = (handle.clone(), draining.clone());
             Some((
-                Slot::start(&tasks, listener, |l| crate::admin::server(h, l, signals))?,
+                Slot::start(&tasks, listener, true, |l| crate::admin::server(h, d, l))?,
                 handle.clone(),
             ))
         }
@@ -291,7 +314,7 @@ pub fn start(
         egress_factory,
         egress,
         admin,
-        signals: options.signals,
+        draining: draining.clone(),
     };
     let (egress, admin) = servers.bound();
     let store =
@@ -299,14 +322,51 @@ pub fn start(
     context.run(store);
     if options.signals {
         reload_on_sighup(handle.clone());
+        drain_on_termination(tasks.clone(), draining.clone());
     }
     Ok(Running {
         egress,
         admin,
         snapshot,
         policy: handle,
+        draining,
         tasks,
     })
+}
+
+/// SIGTERM or SIGINT: readiness turns false, the listeners stop accepting, requests in flight finish within the
+/// drain timeout, then the process exits. A second signal exits at once.
+fn drain_on_termination(tasks: Rc<RefCell<Tasks>>, draining: Draining) {
+    use actix_rt::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT; they will end the process at once");
+            return;
+        }
+    };
+    actix_rt::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(
+            "shutting down: not ready, draining requests in flight (a second signal exits now)"
+        );
+        actix_rt::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(1);
+        });
+        drain(&tasks, &draining, true).await;
+        tracing::info!("drained; exiting");
+    });
 }
 
 fn reload_on_sighup(handle: PolicyHandle) {

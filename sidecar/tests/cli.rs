@@ -186,11 +186,7 @@ async fn sighup_reloads_the_policy() {
     let sidecar = SidecarProcess::spawn_with_admin(cmd, admin_port);
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
 
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &sidecar.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sidecar.signal("HUP");
     let start = std::time::Instant::now();
     loop {
         let reply = request(admin, "GET /admin/policy HTTP/1.1\r\nhost: a\r\n\r\n").await;
@@ -204,4 +200,102 @@ async fn sighup_reloads_the_policy() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// An upstream that takes a request and answers only when told to.
+async fn held_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<tokio::sync::Notify>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    let (arrived, release) = (
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (a, r) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .unwrap();
+        a.notify_one();
+        r.notified().await;
+        let _ = tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow",
+        )
+        .await;
+    });
+    (addr, arrived, release)
+}
+
+async fn readyz(admin: std::net::SocketAddr) -> u16 {
+    request(admin, "GET /readyz HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .status
+}
+
+#[actix_rt::test]
+async fn sigterm_turns_readiness_off_lets_requests_in_flight_finish_then_exits_zero() {
+    let (upstream, arrived, release) = held_upstream().await;
+    let admin_port = support::process::free_port();
+    let mut cmd = sidecar_bin();
+    cmd.env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_POLICY");
+    let mut sidecar = SidecarProcess::spawn_with_admin(cmd, admin_port);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    assert_eq!(readyz(admin).await, 200);
+
+    let addr = sidecar.addr;
+    let in_flight = tokio::spawn(async move {
+        get(addr, "/slow", &[("target", &format!("http://{upstream}"))]).await
+    });
+    arrived.notified().await;
+    sidecar.signal("TERM");
+    let start = std::time::Instant::now();
+    while readyz(admin).await != 503 {
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "readiness never turned off"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    release.notify_one();
+    let reply = in_flight.await.unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "slow".to_string()));
+    let status = sidecar.exit_status(support::DEADLINE);
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[actix_rt::test]
+async fn a_second_signal_exits_at_once() {
+    let (upstream, arrived, _never) = held_upstream().await;
+    let admin_port = support::process::free_port();
+    let mut cmd = sidecar_bin();
+    cmd.env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_POLICY");
+    let mut sidecar = SidecarProcess::spawn_with_admin(cmd, admin_port);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let addr = sidecar.addr;
+    let _in_flight = tokio::spawn(async move {
+        get(addr, "/held", &[("target", &format!("http://{upstream}"))]).await
+    });
+    arrived.notified().await;
+    sidecar.signal("INT");
+    // Once the drain has begun (readiness is off), a second signal ends it: the drain would otherwise wait up to
+    // 15 s for the held request.
+    let start = std::time::Instant::now();
+    while readyz(admin).await != 503 {
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "the first signal never started the drain"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sidecar.signal("INT");
+    let status = sidecar.exit_status(std::time::Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1), "{status}");
 }

@@ -52,6 +52,8 @@ pub struct Listeners {
     pub workers: usize,
     /// Request heads above this size get 431.
     pub max_header_size: usize,
+    /// On SIGTERM/SIGINT (and when a listener is replaced), how long requests in flight may take to finish.
+    pub drain_timeout: Duration,
 }
 
 /// Timeouts and connection-pool settings used for every upstream unless a service overrides them.

@@ -18,6 +18,7 @@ const MAX_HEADER_SIZE_LIMIT: u64 = 128 << 10;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +53,8 @@ struct RawListeners {
     workers: Option<usize>,
     #[serde(default, with = "units::serde_size")]
     max_header_size: Option<u64>,
+    #[serde(default, with = "duration::serde_opt")]
+    drain_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,7 +112,8 @@ impl RawPolicy {
         let listeners_set = l.egress.is_some()
             || l.admin.is_some()
             || l.workers.is_some()
-            || l.max_header_size.is_some();
+            || l.max_header_size.is_some()
+            || l.drain_timeout.is_some();
         self.origin.listeners = listeners_set.then(|| file.to_string());
         let d = &self.defaults;
         let defaults_set = d.timeouts.connect.is_some()
@@ -325,6 +329,10 @@ impl RawPolicy {
                 admin,
                 workers,
                 max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+                drain_timeout: self
+                    .listeners
+                    .drain_timeout
+                    .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             },
             upstream: UpstreamSettings {
                 timeouts,
