@@ -20,6 +20,12 @@ use crate::policy::store::{PolicyHandle, ReloadResult};
 /// Set once a SIGTERM/SIGINT starts the drain; readiness turns false.
 pub type Draining = Arc<AtomicBool>;
 
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::telemetry::render())
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "alive" }))
 }
@@ -68,6 +74,7 @@ pub fn server(
         App::new()
             .app_data(handle.clone())
             .app_data(draining.clone())
+            .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/admin/policy", web::get().to(policy))

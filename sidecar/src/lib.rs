@@ -13,7 +13,9 @@
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
-//! - [`admin`]: the admin listener's routes (`/admin/policy`, `/admin/reload`).
+//! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
+//!   `/admin/reload`).
+//! - [`telemetry`]: the Prometheus recorder, metric names and request timing.
 
 pub mod admin;
 pub mod dispatch;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod policy;
 pub mod server;
 pub mod snapshot;
+pub mod telemetry;
 
 /// Installs ring as the process's rustls crypto provider, so that no second provider compiled into the tree
 /// can make `ServerConfig::builder()` panic. Idempotent.

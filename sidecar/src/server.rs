@@ -278,6 +278,9 @@ pub fn start(
     options: RunOptions,
 ) -> std::io::Result<Running> {
     crate::install_crypto_provider();
+    if crate::telemetry::recorder().is_some() {
+        actix::Actor::start(crate::telemetry::Upkeep);
+    }
     let snapshot = Snapshot::shared(&policy);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();

@@ -34,7 +34,8 @@ pub struct Snapshot {
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
 #[derive(Debug)]
 pub struct Service {
-    pub name: Box<str>,
+    /// Shared with the metrics labels of its requests.
+    pub name: Arc<str>,
     pub policy: ServicePolicy,
     /// Round-robin position: carried over by reusing the whole `Arc<Service>`.
     next: AtomicUsize,

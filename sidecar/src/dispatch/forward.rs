@@ -12,6 +12,7 @@
 //! header map is moved into the upstream request and the upstream's into the response.
 
 use std::mem;
+use std::time::Instant;
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
 use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap};
@@ -21,6 +22,8 @@ use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_re
 use super::route::route;
 use crate::error::{Cause, ProxyError};
 use crate::snapshot::SharedSnapshot;
+use crate::telemetry::{Instruments, RequestLabels, Timed, method_label};
+use metrics::SharedString;
 
 type Upstream = awc::ClientResponse;
 /// The response body: the upstream's, with or without a known length, or the sidecar's own error body.
@@ -30,6 +33,7 @@ pub type ProxyBody = EitherBody<EitherBody<SizedStream<Upstream>, BodyStream<Ups
 pub struct Forwarder {
     snapshot: SharedSnapshot,
     client: awc::Client,
+    instruments: Instruments,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -40,21 +44,42 @@ impl std::fmt::Debug for Forwarder {
 
 impl Forwarder {
     pub fn new(snapshot: SharedSnapshot, client: awc::Client) -> Self {
-        Self { snapshot, client }
-    }
-
-    /// Handles one app request. Never fails: errors become responses.
-    pub async fn handle(&self, req: Request) -> Response<ProxyBody> {
-        match self.forward(req).await {
-            Ok(res) => res,
-            Err(e) => {
-                tracing::debug!(cause = %e.cause, target = %e.target, detail = %e.detail, "request refused");
-                e.to_response().map_body(|_, b| EitherBody::right(b))
-            }
+        Self {
+            snapshot,
+            client,
+            instruments: Instruments::default(),
         }
     }
 
-    async fn forward(&self, req: Request) -> Result<Response<ProxyBody>, ProxyError> {
+    /// Handles one app request. Never fails: errors become responses.
+    pub async fn handle(&self, req: Request) -> Response<Timed<ProxyBody>> {
+        let started = Instant::now();
+        let in_flight = self.instruments.in_flight();
+        let mut labels = RequestLabels {
+            service: SharedString::const_str("none"),
+            method: method_label(req.method()),
+        };
+        let (res, outcome) = match self.forward(req, &mut labels).await {
+            Ok(res) => (res, "ok"),
+            Err(e) => {
+                tracing::debug!(cause = %e.cause, target = %e.target, detail = %e.detail, "request refused");
+                (
+                    e.to_response().map_body(|_, b| EitherBody::right(b)),
+                    e.cause.as_str(),
+                )
+            }
+        };
+        let histogram = self
+            .instruments
+            .server_histogram(&labels, res.status(), outcome);
+        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight))
+    }
+
+    async fn forward(
+        &self,
+        req: Request,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let peer = req.peer_addr();
         let (mut head, payload) = req.into_parts();
         let body = request_body(&head);
@@ -89,6 +114,7 @@ impl Forwarder {
             {
                 append_forwarded_for(&mut headers, peer.ip());
             }
+            labels.service = route.label.clone();
             (uri, headers, route.request_timeout)
         };
 
@@ -107,9 +133,23 @@ impl Forwarder {
             BodySize::Sized(n) => upstream.send_body(SizedStream::new(n, payload)),
             BodySize::Stream => upstream.send_stream(payload),
         };
+        let attempt = Instant::now();
         match sending.await {
-            Ok(response) => Ok(relay(response)),
-            Err(e) => Err(ProxyError::from_send(&e, target.to_string())),
+            Ok(response) => {
+                self.instruments.record_attempt(
+                    labels,
+                    attempt.elapsed(),
+                    Some(response.status()),
+                    "ok",
+                );
+                Ok(relay(response))
+            }
+            Err(e) => {
+                let e = ProxyError::from_send(&e, target.to_string());
+                self.instruments
+                    .record_attempt(labels, attempt.elapsed(), None, e.cause.as_str());
+                Err(e)
+            }
         }
     }
 }

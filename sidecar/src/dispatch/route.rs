@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
+use metrics::SharedString;
 
 use super::headers::{INTERNAL, TARGET};
 use super::target::Upstream;
@@ -21,6 +22,8 @@ pub struct Route<'a> {
     /// Append the client address to `X-Forwarded-For` (dispatch rules, as the seed does).
     pub forwarded_for: bool,
     pub request_timeout: Duration,
+    /// The `service` label of its metrics: the service name, `external` or `dispatch`.
+    pub label: SharedString,
 }
 
 /// An upstream parsed for this request (a `target` URL) or borrowed from the snapshot.
@@ -53,6 +56,7 @@ pub fn route<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Result<Route<'a
                 patch: &rewrite.patch,
                 forwarded_for: true,
                 request_timeout: snapshot.request_timeout,
+                label: SharedString::const_str("dispatch"),
             })
         }
         None => Err(ProxyError::new(
@@ -104,6 +108,7 @@ fn route_target<'a>(
             patch: &[],
             forwarded_for: false,
             request_timeout: service.request_timeout(),
+            label: SharedString::from(service.name.clone()),
         });
     }
     let upstream = Upstream::parse(text).map_err(|why| {
@@ -119,6 +124,7 @@ fn route_target<'a>(
         patch: &[],
         forwarded_for: false,
         request_timeout: snapshot.request_timeout,
+        label: SharedString::const_str("external"),
     })
 }
 

@@ -269,6 +269,12 @@ impl PolicyStore {
         if report.result == ReloadResult::Rejected {
             self.status.last_error = Some(report.clone());
         }
+        let result = match report.result {
+            ReloadResult::Applied => "applied",
+            ReloadResult::Unchanged => "unchanged",
+            ReloadResult::Rejected => "rejected",
+        };
+        metrics::counter!(crate::telemetry::POLICY_RELOADS, "result" => result).increment(1);
         self.status.last_reload = Some(report.clone());
         report
     }
@@ -314,6 +320,11 @@ impl PolicyStore {
             services = policy.services.len(),
             "policy applied"
         );
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a version counter stays far below 2^52"
+        )]
+        metrics::gauge!(crate::telemetry::POLICY_VERSION).set(version as f64);
         let s = &mut self.status;
         s.version = version;
         s.source = policy.source.clone();
@@ -412,6 +423,11 @@ impl Actor for PolicyStore {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(16);
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a version counter stays far below 2^52"
+        )]
+        metrics::gauge!(crate::telemetry::POLICY_VERSION).set(self.status.version as f64);
         self.watch(ctx);
     }
 }

@@ -1,0 +1,350 @@
+//! Telemetry: the Prometheus recorder, the metric names, and the timing of requests.
+//!
+//! Owns: the process-wide `metrics` recorder (metrics-exporter-prometheus as a recorder only; its render is
+//! served by the admin listener's `/metrics`), the upkeep actor that drains its histograms, and [`Timed`], the
+//! body wrapper that records a request's duration when its response body ends. Names follow the OpenTelemetry
+//! HTTP semantic conventions, in seconds, with bounded labels: the service (or `external` for URL targets,
+//! `dispatch` for dispatch rules, `none` before routing), the method (`_OTHER` for non-standard ones), the
+//! status class and the outcome (`ok` or the sidecar's error cause). Never a raw path or a peer address.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix::prelude::{Actor, AsyncContext};
+use actix_http::body::{BodySize, MessageBody};
+use actix_http::{Method, StatusCode};
+use bytes::Bytes;
+use metrics::{Gauge, Histogram, SharedString};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests the sidecar receives, until their response body ends.
+pub const SERVER_DURATION: &str = "http_server_request_duration_seconds";
+/// Each upstream attempt, until the upstream's response head.
+pub const CLIENT_DURATION: &str = "http_client_request_duration_seconds";
+/// Requests being served now.
+pub const ACTIVE_REQUESTS: &str = "http_server_active_requests";
+/// Policy reloads by result (`applied`, `unchanged`, `rejected`).
+pub const POLICY_RELOADS: &str = "sidecar_policy_reloads_total";
+/// The active policy version.
+pub const POLICY_VERSION: &str = "sidecar_policy_version";
+/// Always 1, labelled with the build's version.
+pub const BUILD_INFO: &str = "sidecar_build_info";
+
+/// Latency buckets in seconds, from 0.5 ms (a loopback hop) to 30 s.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process; `None` when another recorder was installed first.
+pub fn recorder() -> Option<&'static PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .map(PrometheusBuilder::build_recorder);
+            let recorder = match recorder {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics disabled: cannot build the recorder");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    describe();
+                    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics disabled: another recorder is installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Help texts, as Prometheus shows them.
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_histogram!(
+        SERVER_DURATION,
+        Unit::Seconds,
+        "Requests the sidecar received, from arrival until the response body ended."
+    );
+    metrics::describe_histogram!(
+        CLIENT_DURATION,
+        Unit::Seconds,
+        "Upstream attempts, from sending until the response head (or the failure)."
+    );
+    metrics::describe_gauge!(ACTIVE_REQUESTS, "Requests being served now.");
+    metrics::describe_counter!(
+        POLICY_RELOADS,
+        "Policy reloads by result (applied, unchanged, rejected)."
+    );
+    metrics::describe_gauge!(POLICY_VERSION, "The version of the policy serving now.");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
+}
+
+/// The Prometheus text exposition of every metric, histograms drained first so a scrape is current.
+pub fn render() -> String {
+    recorder().map_or_else(String::new, |handle| {
+        handle.run_upkeep();
+        handle.render()
+    })
+}
+
+/// Drains histogram samples into their buckets on a timer (the exporter's histograms need it).
+#[derive(Debug)]
+pub struct Upkeep;
+
+impl Actor for Upkeep {
+    type Context = actix::Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Every second: samples wait in per-histogram buffers until drained, so this bounds their memory.
+        ctx.run_interval(Duration::from_secs(1), |_, _| {
+            if let Some(handle) = recorder() {
+                handle.run_upkeep();
+            }
+        });
+    }
+}
+
+/// The method label: standard methods by name, anything else `_OTHER` (semantic conventions), so a client
+/// cannot grow the label set.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The labels of one request, known once it is routed and answered.
+#[derive(Debug, Clone)]
+pub struct RequestLabels {
+    pub service: SharedString,
+    pub method: &'static str,
+}
+
+/// One histogram's labels; the `&'static str` parts compare and hash by address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    service: SharedString,
+    method: usize,
+    status: usize,
+    outcome: usize,
+}
+
+impl Key {
+    fn new(labels: &RequestLabels, status: &'static str, outcome: &'static str) -> Self {
+        Self {
+            service: labels.service.clone(),
+            method: labels.method.as_ptr() as usize,
+            status: status.as_ptr() as usize,
+            outcome: outcome.as_ptr() as usize,
+        }
+    }
+}
+
+type Cache = RefCell<HashMap<Key, Histogram, BuildHasherDefault<FxHasher>>>;
+
+/// One worker's metric handles: registered once, then used without the registry's lookups and locks.
+#[derive(Debug)]
+pub struct Instruments {
+    in_flight: Gauge,
+    server: Cache,
+    client: Cache,
+}
+
+impl Default for Instruments {
+    fn default() -> Self {
+        Self {
+            in_flight: metrics::gauge!(ACTIVE_REQUESTS),
+            server: Cache::default(),
+            client: Cache::default(),
+        }
+    }
+}
+
+impl Instruments {
+    fn histogram(
+        cache: &Cache,
+        name: &'static str,
+        labels: &RequestLabels,
+        status: &'static str,
+        outcome: &'static str,
+    ) -> Histogram {
+        let key = Key::new(labels, status, outcome);
+        if let Some(h) = cache.borrow().get(&key) {
+            return h.clone();
+        }
+        let h = metrics::histogram!(
+            name,
+            "service" => labels.service.clone(),
+            "http_request_method" => labels.method,
+            "status_class" => status,
+            "outcome" => outcome,
+        );
+        cache.borrow_mut().insert(key, h.clone());
+        h
+    }
+
+    /// Records an upstream attempt that took `elapsed` until its response head (or its failure).
+    pub fn record_attempt(
+        &self,
+        labels: &RequestLabels,
+        elapsed: Duration,
+        status: Option<StatusCode>,
+        outcome: &'static str,
+    ) {
+        let status = status.map_or("none", status_class);
+        Self::histogram(&self.client, CLIENT_DURATION, labels, status, outcome).record(elapsed);
+    }
+
+    /// The server-duration histogram for a response with this status and outcome.
+    pub fn server_histogram(
+        &self,
+        labels: &RequestLabels,
+        status: StatusCode,
+        outcome: &'static str,
+    ) -> Histogram {
+        Self::histogram(
+            &self.server,
+            SERVER_DURATION,
+            labels,
+            status_class(status),
+            outcome,
+        )
+    }
+
+    /// Counts a request in flight until the returned guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.increment(1.0);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+/// Fx hashing (rustc's): the keys are a short string and three addresses, so a fast hasher is enough.
+#[derive(Debug, Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The in-flight gauge, counted down on drop.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// A response body that records the request's duration when it ends (or is dropped: the app went away).
+pub struct Timed<B> {
+    inner: B,
+    histogram: Histogram,
+    started: Instant,
+    _in_flight: InFlight,
+}
+
+impl<B> std::fmt::Debug for Timed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timed").finish_non_exhaustive()
+    }
+}
+
+impl<B> Timed<B> {
+    pub fn new(inner: B, histogram: Histogram, started: Instant, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            histogram,
+            started,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B> Drop for Timed<B> {
+    fn drop(&mut self) {
+        self.histogram.record(self.started.elapsed());
+    }
+}
+
+impl<B: MessageBody + Unpin> MessageBody for Timed<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_stay_bounded() {
+        assert_eq!(
+            method_label(&Method::from_bytes(b"PURGE").unwrap()),
+            "_OTHER"
+        );
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(status_class(StatusCode::NOT_MODIFIED), "3xx");
+        assert_eq!(status_class(StatusCode::from_u16(599).unwrap()), "5xx");
+    }
+}

@@ -1,0 +1,188 @@
+//! Metrics are real Prometheus metrics: `promtool check metrics` finds nothing to say about the exposition, and
+//! a real Prometheus server scraping the admin listener answers queries with the requests that were made.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed test"
+)]
+
+mod support;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{DEADLINE, RawUpstream, Sidecar, get, request};
+
+/// A Prometheus server on loopback, stopped on drop.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn scraping(target: std::net::SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(format!("sidecar-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sidecar\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = support::process::free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the prometheus server (Debian's `prometheus` package; scripts/test.sh installs it)");
+        Self {
+            child,
+            addr,
+            _dir: TempDir(dir),
+        }
+    }
+
+    /// Polls an instant query until it returns `want` for a single series, within the deadline.
+    async fn until(&self, query: &str, want: f64) {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < DEADLINE * 2 {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                let reply = request(
+                    self.addr,
+                    &format!("GET /api/v1/query?query={encoded} HTTP/1.1\r\nhost: p\r\nconnection: close\r\n\r\n"),
+                )
+                .await;
+                last = reply.text();
+                if reply.status == 200 {
+                    let body = reply.json();
+                    let value = body["data"]["result"][0]["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok());
+                    if value == Some(want) {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("prometheus never answered {want} for {query}; last answer: {last}");
+    }
+}
+
+#[actix_rt::test]
+async fn a_real_prometheus_scrapes_the_sidecar_and_sees_its_requests() {
+    let upstream = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}']\n",
+        upstream.addr
+    ));
+    for _ in 0..3 {
+        assert_eq!(
+            get(
+                sidecar.addr,
+                "/o",
+                &[("target", "orders"), ("internal", "true")]
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            get(
+                sidecar.addr,
+                "/",
+                &[("target", "payments"), ("internal", "true")]
+            )
+            .await
+            .status,
+            503
+        );
+    }
+
+    // The exposition passes promtool's checks.
+    let exposition = request(sidecar.admin, "GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(exposition.status, 200);
+    assert!(
+        exposition
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's `prometheus` package; scripts/test.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&exposition.body)
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool: {}{}\n{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr),
+        exposition.text()
+    );
+
+    let prometheus = Prometheus::scraping(sidecar.admin);
+    prometheus
+        .until(r#"sum(http_server_request_duration_seconds_count{service="orders",outcome="ok",status_class="2xx"})"#, 3.0)
+        .await;
+    prometheus
+        .until(
+            r#"sum(http_client_request_duration_seconds_count{service="orders",outcome="ok"})"#,
+            3.0,
+        )
+        .await;
+    prometheus
+        .until(r#"sum(http_server_request_duration_seconds_count{service="none",outcome="unknown-service",status_class="5xx"})"#, 2.0)
+        .await;
+    prometheus.until(r#"sidecar_build_info"#, 1.0).await;
+    prometheus.until(r#"sidecar_policy_version"#, 1.0).await;
+    prometheus
+        .until(r#"http_server_active_requests"#, 0.0)
+        .await;
+    sidecar.stop().await;
+}
