@@ -6,6 +6,7 @@
 #   DURATION     measured run per setup, wrk syntax (default 10s)
 #   CONNECTIONS  wrk keep-alive connections (default 64)
 #   SIDECAR_BIN  sidecar binary (default target/release/sidecar, relative to the repo root)
+#   SIDECAR_ARGS extra sidecar arguments, e.g. "--access-log off" (the access log goes to a file here)
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -264,8 +265,9 @@ mkdir -p "$TMP/sidecar"
     cd "$TMP/sidecar"
     unset SIDECAR_POLICY SIDECAR_CONFIG
     export RUST_LOG=warn SIDECAR_PORT=$SIDECAR_PORT_
-    exec "$SIDECAR_BIN" --workers 1
-) >"$TMP/sidecar/sidecar.log" 2>&1 &
+    # shellcheck disable=SC2086 # SIDECAR_ARGS is a list of words
+    exec "$SIDECAR_BIN" --workers 1 ${SIDECAR_ARGS:-}
+) >"$TMP/sidecar/access.log" 2>"$TMP/sidecar/sidecar.log" &
 sidecar_pid=$!
 PIDS+=("$sidecar_pid")
 wait_port "$SIDECAR_PORT_" "$sidecar_pid" "sidecar" "$TMP/sidecar/sidecar.log"

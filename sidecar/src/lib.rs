@@ -16,7 +16,9 @@
 //! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
 //!   `/admin/reload`).
 //! - [`telemetry`]: the Prometheus recorder, metric names and request timing.
+//! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 
+pub mod access_log;
 pub mod admin;
 pub mod dispatch;
 pub mod error;

@@ -42,6 +42,9 @@ struct Cli {
     /// Worker threads for the egress listener. Overrides the policy.
     #[arg(long)]
     workers: Option<usize>,
+    /// Turn the access log (JSON lines on stdout) on or off. Overrides the policy.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    access_log: Option<bool>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -80,6 +83,14 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
 /// `SIDECAR_CONFIG` when set (a missing file is an error), else `./config.yaml` when it exists.
 fn dispatch_config(cli: &Cli) -> Option<PathBuf> {
     if let Some(p) = &cli.dispatch_config {
@@ -93,6 +104,7 @@ fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
     let mut overrides = Overrides {
         admin: cli.admin,
         workers: cli.workers,
+        access_log: cli.access_log,
         ..Overrides::default()
     };
     if let Some(port) = &cli.port {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::access_log::AccessLogPolicy;
 use crate::dispatch::target::Upstream;
 use crate::policy::{DispatchRules, Policy, ServicePolicy};
 
@@ -29,6 +30,7 @@ pub struct Snapshot {
     pub request_timeout: Duration,
     /// Request heads above this size get 431.
     pub max_header_size: usize,
+    pub access_log: AccessLogPolicy,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -84,6 +86,7 @@ impl Snapshot {
             dispatch: policy.dispatch.clone(),
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,
+            access_log: policy.access_log,
         }
     }
 

@@ -7,10 +7,11 @@
 //! `dispatch` for dispatch rules, `none` before routing), the method (`_OTHER` for non-standard ones), the
 //! status class and the outcome (`ok` or the sidecar's error cause). Never a raw path or a peer address.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ use actix_http::{Method, StatusCode};
 use bytes::Bytes;
 use metrics::{Gauge, Histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::access_log::{self, Record};
 
 /// Requests the sidecar receives, until their response body ends.
 pub const SERVER_DURATION: &str = "http_server_request_duration_seconds";
@@ -92,6 +95,10 @@ fn describe() {
     );
     metrics::describe_gauge!(POLICY_VERSION, "The version of the policy serving now.");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
+    metrics::describe_counter!(
+        access_log::DROPPED,
+        "Access log lines dropped because the writer fell behind."
+    );
 }
 
 /// The Prometheus text exposition of every metric, histograms drained first so a scrape is current.
@@ -146,11 +153,71 @@ pub fn status_class(status: StatusCode) -> &'static str {
     }
 }
 
-/// The labels of one request, known once it is routed and answered.
+/// The labels of one request, known once it is routed and answered, and what its access log line needs.
 #[derive(Debug, Clone)]
 pub struct RequestLabels {
     pub service: SharedString,
     pub method: &'static str,
+    /// The upstream the request went to.
+    pub upstream: Option<actix_http::uri::Authority>,
+    pub attempts: u32,
+    /// Request body bytes: known from `Content-Length`, or counted as a chunked body streams.
+    pub bytes_in: BytesIn,
+}
+
+/// How many request body bytes were sent on.
+#[derive(Debug, Clone, Default)]
+pub enum BytesIn {
+    #[default]
+    None,
+    Known(u64),
+    Counted(Rc<Cell<u64>>),
+}
+
+impl BytesIn {
+    fn get(&self) -> u64 {
+        match self {
+            Self::None => 0,
+            Self::Known(n) => *n,
+            Self::Counted(c) => c.get(),
+        }
+    }
+}
+
+/// A request body stream that counts what passes.
+pub struct Counted<S> {
+    inner: S,
+    count: Rc<Cell<u64>>,
+}
+
+impl<S> std::fmt::Debug for Counted<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("count", &self.count.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, count: Rc<Cell<u64>>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<S, E> futures_util::Stream for Counted<S>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = Result<Bytes, E>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let next = Pin::new(&mut this.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            this.count.set(this.count.get() + chunk.len() as u64);
+        }
+        next
+    }
 }
 
 /// One histogram's labels; the `&'static str` parts compare and hash by address.
@@ -293,6 +360,9 @@ pub struct Timed<B> {
     histogram: Histogram,
     started: Instant,
     _in_flight: InFlight,
+    /// The access log line, for a sampled request; completed and handed to the writer on drop.
+    log: Option<(Record, BytesIn)>,
+    bytes_out: u64,
 }
 
 impl<B> std::fmt::Debug for Timed<B> {
@@ -302,19 +372,34 @@ impl<B> std::fmt::Debug for Timed<B> {
 }
 
 impl<B> Timed<B> {
-    pub fn new(inner: B, histogram: Histogram, started: Instant, in_flight: InFlight) -> Self {
+    pub fn new(
+        inner: B,
+        histogram: Histogram,
+        started: Instant,
+        in_flight: InFlight,
+        log: Option<(Record, BytesIn)>,
+    ) -> Self {
         Self {
             inner,
             histogram,
             started,
             _in_flight: in_flight,
+            log,
+            bytes_out: 0,
         }
     }
 }
 
 impl<B> Drop for Timed<B> {
     fn drop(&mut self) {
-        self.histogram.record(self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.histogram.record(elapsed);
+        if let Some((mut record, bytes_in)) = self.log.take() {
+            record.duration = elapsed;
+            record.bytes_in = bytes_in.get();
+            record.bytes_out = self.bytes_out;
+            access_log::emit(record);
+        }
     }
 }
 
@@ -329,7 +414,12 @@ impl<B: MessageBody + Unpin> MessageBody for Timed<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_next(cx)
+        let this = self.get_mut();
+        let next = Pin::new(&mut this.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            this.bytes_out += chunk.len() as u64;
+        }
+        next
     }
 }
 

@@ -299,3 +299,54 @@ async fn a_second_signal_exits_at_once() {
     let status = sidecar.exit_status(std::time::Duration::from_secs(5));
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+#[actix_rt::test]
+async fn every_request_gets_one_json_access_log_line_on_stdout() {
+    use std::io::BufRead;
+    let upstream =
+        RawUpstream::start(|_| support::response(201, &[("content-length", "5")], b"hello")).await;
+    let mut cmd = sidecar_bin();
+    cmd.args(["--access-log", "on"])
+        .env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_POLICY");
+    let (sidecar, stdout) = SidecarProcess::spawn_capturing_stdout(cmd);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+
+    let raw = format!(
+        "POST /orders/7?token=secret HTTP/1.1\r\nhost: x\r\ntarget: {}\r\ncontent-length: 3\r\n\r\nabc",
+        upstream.url("")
+    );
+    assert_eq!(request(sidecar.addr, &raw).await.status, 201);
+    assert_eq!(get(sidecar.addr, "/nowhere", &[]).await.status, 400);
+
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(support::DEADLINE)
+            .expect("an access log line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let ok = next();
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["service"], "external");
+    assert_eq!(ok["path"], "/orders/7", "the query is left out by default");
+    assert_eq!(ok["status"], 201);
+    assert_eq!(ok["upstream"], upstream.addr.to_string());
+    assert_eq!(ok["attempts"], 1);
+    assert_eq!(ok["bytes_in"], 3);
+    assert_eq!(ok["bytes_out"], 5);
+    assert!(ok["error"].is_null());
+    assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(ok["time"].as_str().unwrap().ends_with('Z'));
+    let refused = next();
+    assert_eq!(refused["status"], 400);
+    assert_eq!(refused["error"], "missing-target");
+    assert_eq!(refused["service"], "none");
+    drop(sidecar);
+}

@@ -71,7 +71,10 @@ async fn an_app_calls_another_through_its_sidecar_by_url_and_by_service_name() {
     let orders = App::start("orders", None);
     let policy = Policy::from_yaml(
         "test",
-        &format!("services:\n  orders:\n    endpoints: ['{}']\n", orders.1),
+        &format!(
+            "access_log:\n  enabled: false\nservices:\n  orders:\n    endpoints: ['{}']\n",
+            orders.1
+        ),
     )
     .unwrap();
     let listeners = Listeners {

@@ -11,8 +11,10 @@
 //! Any failure becomes a [`ProxyError`] response. No lock, no actor round trip, no header copy: the app's
 //! header map is moved into the upstream request and the upstream's into the response.
 
+use std::cell::Cell;
 use std::mem;
-use std::time::Instant;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
 use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap};
@@ -20,9 +22,10 @@ use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
 
 use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
 use super::route::route;
+use crate::access_log::{Record, Sampler};
 use crate::error::{Cause, ProxyError};
 use crate::snapshot::SharedSnapshot;
-use crate::telemetry::{Instruments, RequestLabels, Timed, method_label};
+use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use metrics::SharedString;
 
 type Upstream = awc::ClientResponse;
@@ -34,6 +37,7 @@ pub struct Forwarder {
     snapshot: SharedSnapshot,
     client: awc::Client,
     instruments: Instruments,
+    sampler: Sampler,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -48,6 +52,7 @@ impl Forwarder {
             snapshot,
             client,
             instruments: Instruments::default(),
+            sampler: Sampler::default(),
         }
     }
 
@@ -55,9 +60,26 @@ impl Forwarder {
     pub async fn handle(&self, req: Request) -> Response<Timed<ProxyBody>> {
         let started = Instant::now();
         let in_flight = self.instruments.in_flight();
+        let log = self.snapshot.load().access_log;
+        let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
+            time: SystemTime::now(),
+            method: req.method().clone(),
+            service: SharedString::const_str("none"),
+            path: logged_path(req.uri(), log.query),
+            status: 0,
+            upstream: None,
+            attempts: 0,
+            duration: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+        });
         let mut labels = RequestLabels {
             service: SharedString::const_str("none"),
             method: method_label(req.method()),
+            upstream: None,
+            attempts: 0,
+            bytes_in: BytesIn::None,
         };
         let (res, outcome) = match self.forward(req, &mut labels).await {
             Ok(res) => (res, "ok"),
@@ -72,7 +94,15 @@ impl Forwarder {
         let histogram = self
             .instruments
             .server_histogram(&labels, res.status(), outcome);
-        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight))
+        let log = record.take().map(|mut r| {
+            r.service = labels.service.clone();
+            r.status = res.status().as_u16();
+            r.upstream = labels.upstream.take();
+            r.attempts = labels.attempts;
+            r.error = (outcome != "ok").then_some(outcome);
+            (r, mem::take(&mut labels.bytes_in))
+        });
+        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight, log))
     }
 
     async fn forward(
@@ -126,12 +156,21 @@ impl Forwarder {
             .timeout(timeout)
             .no_decompress();
         *upstream.headers_mut() = headers;
+        labels.upstream = target.authority().cloned();
+        labels.attempts = 1;
         let sending = match body {
             // `send()` would add `content-length: 0` to every GET.
             BodySize::None => upstream.send_body(body::None::new()),
             BodySize::Sized(0) => upstream.send_body(()),
-            BodySize::Sized(n) => upstream.send_body(SizedStream::new(n, payload)),
-            BodySize::Stream => upstream.send_stream(payload),
+            BodySize::Sized(n) => {
+                labels.bytes_in = BytesIn::Known(n);
+                upstream.send_body(SizedStream::new(n, payload))
+            }
+            BodySize::Stream => {
+                let count = Rc::new(Cell::new(0));
+                labels.bytes_in = BytesIn::Counted(count.clone());
+                upstream.send_stream(Counted::new(payload, count))
+            }
         };
         let attempt = Instant::now();
         match sending.await {
@@ -151,6 +190,14 @@ impl Forwarder {
                 Err(e)
             }
         }
+    }
+}
+
+/// The path for the access log: without the query unless the policy asks for it (queries often carry tokens).
+fn logged_path(uri: &actix_http::Uri, with_query: bool) -> String {
+    match (with_query, uri.path_and_query()) {
+        (true, Some(pq)) => pq.as_str().to_string(),
+        _ => uri.path().to_string(),
     }
 }
 

@@ -39,6 +39,7 @@ pub struct Policy {
     pub services: BTreeMap<String, ServicePolicy>,
     /// Dispatch rules in the seed dispatcher's format, when configured.
     pub dispatch: Option<DispatchRules>,
+    pub access_log: crate::access_log::AccessLogPolicy,
 }
 
 /// Listener addresses, the worker count and limits of the egress listener.

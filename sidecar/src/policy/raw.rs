@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::seed::RawDispatch;
 use super::{Issue, Listeners, Policy, ServicePolicy, Timeouts, UpstreamSettings, duration, units};
+use crate::access_log::AccessLogPolicy;
 use crate::dispatch::target::Upstream;
 
 const DEFAULT_EGRESS: &str = "127.0.0.1:5000";
@@ -31,13 +32,24 @@ pub(super) struct RawPolicy {
     services: BTreeMap<String, RawService>,
     #[serde(default)]
     dispatch: Option<RawDispatch>,
+    #[serde(default)]
+    access_log: Option<RawAccessLog>,
     /// Which file each top-level part came from, for "defined twice" messages.
     #[serde(skip)]
     origin: Origins,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    enabled: Option<bool>,
+    sample: Option<String>,
+    query: Option<bool>,
+}
+
 #[derive(Debug, Default)]
 struct Origins {
+    access_log: Option<String>,
     file: String,
     services: BTreeMap<String, String>,
     dispatch: Option<String>,
@@ -108,6 +120,7 @@ impl RawPolicy {
             .map(|k| (k.clone(), file.to_string()))
             .collect();
         self.origin.dispatch = self.dispatch.as_ref().map(|_| file.to_string());
+        self.origin.access_log = self.access_log.as_ref().map(|_| file.to_string());
         let l = &self.listeners;
         let listeners_set = l.egress.is_some()
             || l.admin.is_some()
@@ -142,6 +155,14 @@ impl RawPolicy {
             (None, Some(_)) => {
                 self.defaults = other.defaults;
                 self.origin.defaults = other.origin.defaults.clone();
+            }
+            _ => {}
+        }
+        match (&self.origin.access_log, &other.origin.access_log) {
+            (Some(a), Some(b)) => issues.push(twice("access_log", a, b)),
+            (None, Some(_)) => {
+                self.access_log = other.access_log;
+                self.origin.access_log = other.origin.access_log.clone();
             }
             _ => {}
         }
@@ -306,6 +327,20 @@ impl RawPolicy {
             );
         }
 
+        let mut access_log = AccessLogPolicy::default();
+        if let Some(raw) = &self.access_log {
+            let file = file_of(&self.origin.access_log);
+            // Writing the section turns the log on unless it says `enabled: false`.
+            access_log.enabled = raw.enabled.unwrap_or(true);
+            access_log.query = raw.query.unwrap_or(false);
+            if let Some(text) = &raw.sample {
+                match units::Percent::parse(text) {
+                    Ok(p) => access_log.sample = p.fraction(),
+                    Err(why) => issues.push(Issue::new(&file, "access_log.sample", why)),
+                }
+            }
+        }
+
         let dispatch = match self.dispatch {
             Some(d) => match d.validate(&file_of(&self.origin.dispatch), "dispatch.") {
                 Ok(rules) => Some(rules),
@@ -341,6 +376,7 @@ impl RawPolicy {
             },
             services,
             dispatch,
+            access_log,
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct Overrides {
     pub egress_port: Option<u16>,
     pub admin: Option<SocketAddr>,
     pub workers: Option<usize>,
+    /// Turns the access log on or off whatever the files say.
+    pub access_log: Option<bool>,
 }
 
 impl PolicySource {
@@ -66,6 +68,9 @@ impl PolicySource {
         }
         if let Some(workers) = o.workers {
             listeners.workers = workers;
+        }
+        if let Some(on) = o.access_log {
+            policy.access_log.enabled = on;
         }
         Ok(policy)
     }

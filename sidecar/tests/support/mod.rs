@@ -63,15 +63,19 @@ impl Sidecar {
         source.overrides.admin = Some(a);
         policy.listeners.egress = e;
         policy.listeners.admin = a;
+        // The access log writes to the test process's stdout; its own test runs the binary.
+        source.overrides.access_log = Some(false);
+        policy.access_log.enabled = false;
         Self::start_on(source, policy, egress, admin)
     }
 
     /// Starts on given sockets with nothing pinned: the policy files name these addresses and may move them.
     pub fn start_exact(path: &std::path::Path, egress: StdListener, admin: StdListener) -> Self {
-        let source = PolicySource {
+        let mut source = PolicySource {
             policy: Some(path.to_path_buf()),
             ..PolicySource::default()
         };
+        source.overrides.access_log = Some(false);
         let policy = source.load().expect("valid test policy");
         Self::start_on(source, policy, egress, admin)
     }

@@ -53,7 +53,18 @@ impl SidecarProcess {
     }
 
     /// As `spawn`, with the admin listener on a given port (0: any).
-    pub fn spawn_with_admin(mut cmd: Command, admin_port: u16) -> Self {
+    pub fn spawn_with_admin(cmd: Command, admin_port: u16) -> Self {
+        Self::spawn_with(cmd, admin_port, Stdio::null())
+    }
+
+    /// As `spawn`, with the process's stdout piped for the test to read.
+    pub fn spawn_capturing_stdout(cmd: Command) -> (Self, std::process::ChildStdout) {
+        let mut process = Self::spawn_with(cmd, 0, Stdio::piped());
+        let stdout = process.child.stdout.take().expect("piped stdout");
+        (process, stdout)
+    }
+
+    fn spawn_with(mut cmd: Command, admin_port: u16, stdout: Stdio) -> Self {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = cmd
@@ -61,7 +72,7 @@ impl SidecarProcess {
             .arg(format!("127.0.0.1:{admin_port}"))
             .env("SIDECAR_PORT", port.to_string())
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn sidecar");

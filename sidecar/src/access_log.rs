@@ -1,0 +1,260 @@
+//! The access log: one JSON line per request on stdout, so the app needs no request logging of its own.
+//!
+//! Owns: the log's policy ([`AccessLogPolicy`], from the `access_log:` section), the record of one request
+//! ([`Record`]) and the writer thread. Workers hand records over through a bounded channel and never wait: when
+//! the writer falls behind, records are dropped and counted (`sidecar_access_log_dropped_total`).
+//! Called by the request path when a response body ends (see [`crate::telemetry::Timed`]).
+
+use std::cell::Cell;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_http::Method;
+use actix_http::uri::Authority;
+use metrics::SharedString;
+
+/// Records waiting for the writer; past this, new ones are dropped.
+const QUEUE: usize = 16 * 1024;
+pub const DROPPED: &str = "sidecar_access_log_dropped_total";
+
+/// What the `access_log:` section says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessLogPolicy {
+    pub enabled: bool,
+    /// The share of requests logged, in [0, 1].
+    pub sample: f64,
+    /// Log the query string too (off by default: queries often carry tokens).
+    pub query: bool,
+}
+
+/// Off unless asked for, as in Envoy and Linkerd: at full rate on 2 cores the writer cost ~17 % of
+/// requests/s in the benchmark seat (sampling lowers that).
+impl Default for AccessLogPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sample: 1.0,
+            query: false,
+        }
+    }
+}
+
+/// One request, as logged.
+#[derive(Debug)]
+pub struct Record {
+    pub time: SystemTime,
+    pub method: Method,
+    pub service: SharedString,
+    pub path: String,
+    pub status: u16,
+    pub upstream: Option<Authority>,
+    pub attempts: u32,
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<&'static str>,
+}
+
+impl Record {
+    /// Appends the record as one JSON line, without building an intermediate value.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.extend_from_slice(b"{\"time\":\"");
+        write_rfc3339(out, self.time);
+        out.extend_from_slice(b"\",\"method\":");
+        json_string(out, self.method.as_str());
+        out.extend_from_slice(b",\"service\":");
+        json_string(out, &self.service);
+        out.extend_from_slice(b",\"path\":");
+        json_string(out, &self.path);
+        let _ = write!(out, ",\"status\":{},\"upstream\":", self.status);
+        match &self.upstream {
+            Some(a) => json_string(out, a.as_str()),
+            None => out.extend_from_slice(b"null"),
+        }
+        let _ = write!(
+            out,
+            ",\"attempts\":{},\"duration_ms\":{:.3},\"bytes_in\":{},\"bytes_out\":{},\"error\":",
+            self.attempts,
+            self.duration.as_secs_f64() * 1000.0,
+            self.bytes_in,
+            self.bytes_out
+        );
+        match self.error {
+            Some(e) => json_string(out, e),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    for &b in text.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// Hands a record to the writer without waiting.
+pub fn emit(record: Record) {
+    static SINK: OnceLock<Option<SyncSender<Record>>> = OnceLock::new();
+    let sink = SINK.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&rx))
+            .map_err(|e| tracing::warn!(error = %e, "access log disabled: cannot start its writer"))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = sink
+        && let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(record)
+    {
+        metrics::counter!(DROPPED).increment(1);
+    }
+}
+
+fn write_lines(records: &Receiver<Record>) {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = records.recv() {
+        let mut next = Some(first);
+        while let Some(record) = next {
+            record.write_json(&mut buf);
+            if buf.len() >= 60 * 1024 {
+                let _ignored_when_stdout_is_gone = out.write_all(&buf);
+                buf.clear();
+            }
+            next = records.try_recv().ok();
+        }
+        // Quiet for now: make what was written visible.
+        let _ignored_when_stdout_is_gone = out.write_all(&buf).and_then(|()| out.flush());
+        buf.clear();
+    }
+}
+
+/// Decides which requests are logged: a per-worker xorshift, no shared state.
+#[derive(Debug)]
+pub struct Sampler(Cell<u64>);
+
+impl Default for Sampler {
+    fn default() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
+            | 1;
+        Self(Cell::new(seed))
+    }
+}
+
+impl Sampler {
+    pub fn sample(&self, share: f64) -> bool {
+        if share >= 1.0 {
+            return true;
+        }
+        let mut x = self.0.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0.set(x);
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "53 bits of randomness are plenty for sampling"
+        )]
+        let draw = (x >> 11) as f64 / (1u64 << 53) as f64;
+        draw < share
+    }
+}
+
+/// Writes `2026-11-23T14:58:41.123Z`.
+fn write_rfc3339(out: &mut Vec<u8>, time: SystemTime) {
+    use std::io::Write as _;
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rfc3339(t: SystemTime) -> String {
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, t);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_445_921_123);
+        assert_eq!(rfc3339(t), "2026-11-23T14:58:41.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_are_json_whatever_the_path() {
+        let record = Record {
+            time: UNIX_EPOCH,
+            method: Method::from_bytes(b"PURGE").unwrap(),
+            service: SharedString::const_str("external"),
+            path: "/a\"b\\c\u{1}é".into(),
+            status: 200,
+            upstream: None,
+            attempts: 1,
+            duration: Duration::from_micros(1500),
+            bytes_in: 0,
+            bytes_out: 5,
+            error: Some("upstream-reset"),
+        };
+        let mut line = Vec::new();
+        record.write_json(&mut line);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["path"], "/a\"b\\c\u{1}é");
+        assert_eq!(value["method"], "PURGE");
+        assert_eq!(value["duration_ms"], 1.5);
+        assert!(value["upstream"].is_null());
+        assert!(line.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn sampling_keeps_about_the_share_asked() {
+        let s = Sampler::default();
+        let kept = (0..10_000).filter(|_| s.sample(0.25)).count();
+        assert!((2_000..3_000).contains(&kept), "{kept}");
+        assert!((0..100).all(|_| s.sample(1.0)));
+        assert!((0..100).all(|_| !s.sample(0.0)));
+    }
+}
