@@ -202,36 +202,6 @@ async fn sighup_reloads_the_policy() {
     }
 }
 
-/// An upstream that takes a request and answers only when told to.
-async fn held_upstream() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<tokio::sync::Notify>,
-    std::sync::Arc<tokio::sync::Notify>,
-) {
-    let (arrived, release) = (
-        std::sync::Arc::new(tokio::sync::Notify::new()),
-        std::sync::Arc::new(tokio::sync::Notify::new()),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (a, r) = (arrived.clone(), release.clone());
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 4096];
-        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
-            .await
-            .unwrap();
-        a.notify_one();
-        r.notified().await;
-        let _ = tokio::io::AsyncWriteExt::write_all(
-            &mut s,
-            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow",
-        )
-        .await;
-    });
-    (addr, arrived, release)
-}
-
 async fn readyz(admin: std::net::SocketAddr) -> u16 {
     request(admin, "GET /readyz HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
@@ -240,7 +210,7 @@ async fn readyz(admin: std::net::SocketAddr) -> u16 {
 
 #[actix_rt::test]
 async fn sigterm_turns_readiness_off_lets_requests_in_flight_finish_then_exits_zero() {
-    let (upstream, arrived, release) = held_upstream().await;
+    let (upstream, arrived, release) = support::held_upstream().await;
     let admin_port = support::process::free_port();
     let mut cmd = sidecar_bin();
     cmd.env_remove("SIDECAR_CONFIG")
@@ -272,7 +242,7 @@ async fn sigterm_turns_readiness_off_lets_requests_in_flight_finish_then_exits_z
 
 #[actix_rt::test]
 async fn a_second_signal_exits_at_once() {
-    let (upstream, arrived, _never) = held_upstream().await;
+    let (upstream, arrived, _never) = support::held_upstream().await;
     let admin_port = support::process::free_port();
     let mut cmd = sidecar_bin();
     cmd.env_remove("SIDECAR_CONFIG")

@@ -222,29 +222,7 @@ async fn a_moved_admin_listener_leaves_egress_connections_alone() {
 
 #[actix_rt::test]
 async fn a_moved_egress_listener_serves_at_once_and_lets_requests_in_flight_finish() {
-    let slow_started = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
-    let slow = {
-        let (started, release) = (slow_started.clone(), release.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
-                .await
-                .unwrap();
-            started.notify_one();
-            release.notified().await;
-            tokio::io::AsyncWriteExt::write_all(
-                &mut s,
-                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow",
-            )
-            .await
-            .unwrap();
-        });
-        addr
-    };
+    let (slow, slow_started, release) = support::held_upstream().await;
     let a = named("A").await;
     let dir = policy_dir("move-egress");
     let file = dir.join("p.yaml");

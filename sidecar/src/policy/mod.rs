@@ -359,6 +359,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn files_of_a_directory_merge_and_a_name_defined_twice_names_both_files() {
+        let dir = std::env::temp_dir().join(format!("sidecar-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "listeners:\n  workers: 2\nservices:\n  orders:\n    endpoints: ['h:1']\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("b.yaml"), "defaults:\n  timeouts:\n    request: 3s\nservices:\n  payments:\n    endpoints: ['h:2']\n").unwrap();
+        let merged = Policy::load(&dir).unwrap();
+        assert_eq!(merged.listeners.workers, 2);
+        assert_eq!(merged.upstream.timeouts.request, Duration::from_secs(3));
+        assert_eq!(merged.services.len(), 2);
+        assert_eq!(merged.files.len(), 2);
+
+        std::fs::write(
+            dir.join("c.yaml"),
+            "listeners:\n  workers: 3\nservices:\n  orders:\n    endpoints: ['h:3']\n",
+        )
+        .unwrap();
+        let err = Policy::load(&dir).unwrap_err().to_string();
+        let (a, c) = (
+            dir.join("a.yaml").display().to_string(),
+            dir.join("c.yaml").display().to_string(),
+        );
+        assert!(
+            err.contains(&format!("listeners: defined twice: in {a} and in {c}")),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "services.orders: defined twice: in {a} and in {c}"
+            )),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn an_unknown_key_gets_a_suggestion_when_one_is_close() {
         let err = Policy::from_yaml("p.yaml", "listeners:\n  egres: 127.0.0.1:5000\n").unwrap_err();
         assert!(err.to_string().ends_with("did you mean `egress`?"), "{err}");

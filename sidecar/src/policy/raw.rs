@@ -139,50 +139,33 @@ impl RawPolicy {
     /// Merges another file into this one. A name defined in both is an error naming both files.
     pub(super) fn merge(&mut self, other: RawPolicy) -> Result<(), Vec<Issue>> {
         let mut issues = Vec::new();
-        let twice = |what: &str, a: &str, b: &str| {
-            Issue::new(b, what, format!("defined twice: in {a} and in {b}"))
-        };
-        match (&self.origin.listeners, &other.origin.listeners) {
-            (Some(a), Some(b)) => issues.push(twice("listeners", a, b)),
-            (None, Some(_)) => {
-                self.listeners = other.listeners;
-                self.origin.listeners = other.origin.listeners.clone();
-            }
-            _ => {}
-        }
-        match (&self.origin.defaults, &other.origin.defaults) {
-            (Some(a), Some(b)) => issues.push(twice("defaults", a, b)),
-            (None, Some(_)) => {
-                self.defaults = other.defaults;
-                self.origin.defaults = other.origin.defaults.clone();
-            }
-            _ => {}
-        }
-        match (&self.origin.access_log, &other.origin.access_log) {
-            (Some(a), Some(b)) => issues.push(twice("access_log", a, b)),
-            (None, Some(_)) => {
-                self.access_log = other.access_log;
-                self.origin.access_log = other.origin.access_log.clone();
-            }
-            _ => {}
-        }
-        if let Some(d) = other.dispatch {
-            let b = other.origin.dispatch.clone().unwrap_or_default();
-            match &self.origin.dispatch {
-                Some(a) => issues.push(twice("dispatch", a, &b)),
-                None => {
-                    self.dispatch = Some(d);
-                    self.origin.dispatch = Some(b);
-                }
-            }
-        }
+        let o = other.origin;
+        take_once(
+            "listeners",
+            (&mut self.listeners, &mut self.origin.listeners),
+            (other.listeners, o.listeners),
+            &mut issues,
+        );
+        take_once(
+            "defaults",
+            (&mut self.defaults, &mut self.origin.defaults),
+            (other.defaults, o.defaults),
+            &mut issues,
+        );
+        take_once(
+            "access_log",
+            (&mut self.access_log, &mut self.origin.access_log),
+            (other.access_log, o.access_log),
+            &mut issues,
+        );
+        take_once(
+            "dispatch",
+            (&mut self.dispatch, &mut self.origin.dispatch),
+            (other.dispatch, o.dispatch),
+            &mut issues,
+        );
         for (name, service) in other.services {
-            let b = other
-                .origin
-                .services
-                .get(&name)
-                .cloned()
-                .unwrap_or_default();
+            let b = o.services.get(&name).cloned().unwrap_or_default();
             if let Some(a) = self.origin.services.get(&name) {
                 issues.push(twice(&format!("services.{name}"), a, &b));
                 continue;
@@ -378,6 +361,27 @@ impl RawPolicy {
             dispatch,
             access_log,
         })
+    }
+}
+
+fn twice(what: &str, a: &str, b: &str) -> Issue {
+    Issue::new(b, what, format!("defined twice: in {a} and in {b}"))
+}
+
+/// Takes a section from a later file unless an earlier file defined it, which is an error naming both.
+fn take_once<T>(
+    what: &str,
+    (mine, mine_from): (&mut T, &mut Option<String>),
+    (theirs, theirs_from): (T, Option<String>),
+    issues: &mut Vec<Issue>,
+) {
+    match (mine_from.as_deref(), theirs_from) {
+        (Some(a), Some(b)) => issues.push(twice(what, a, &b)),
+        (None, Some(b)) => {
+            *mine = theirs;
+            *mine_from = Some(b);
+        }
+        (_, None) => {}
     }
 }
 

@@ -511,3 +511,30 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Repl
     raw.push_str("\r\n");
     request(addr, &raw).await
 }
+
+/// An upstream that takes one request and answers `200 slow` only when told to: it returns its address, a
+/// signal that the request arrived, and the trigger that releases the answer.
+pub async fn held_upstream() -> (
+    SocketAddr,
+    Arc<tokio::sync::Notify>,
+    Arc<tokio::sync::Notify>,
+) {
+    let (arrived, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (a, r) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        a.notify_one();
+        r.notified().await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+            .await;
+    });
+    (addr, arrived, release)
+}
