@@ -42,6 +42,9 @@ struct Cli {
     /// Worker threads for the egress listener. Overrides the policy.
     #[arg(long)]
     workers: Option<usize>,
+    /// Do not reload when the policy files change (SIGHUP and POST /admin/reload still do).
+    #[arg(long, global = true)]
+    no_watch: bool,
     /// Turn the access log (JSON lines on stdout) on or off. Overrides the policy.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     access_log: Option<bool>,
@@ -131,6 +134,7 @@ fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
     Ok(PolicySource {
         policy: path.map(Path::to_path_buf).or_else(|| cli.policy.clone()),
         dispatch: dispatch_config(cli),
+        watch: !cli.no_watch,
         overrides,
     })
 }

@@ -78,7 +78,7 @@ async fn a_valid_edit_is_picked_up_by_the_watcher_and_applied_whole() {
     let dir = policy_dir("watch");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_path(&dir);
+    let sidecar = Sidecar::start_watching(&dir);
     until_served_by(&sidecar, "A").await;
 
     replace(&file, &orders_policy(&b));
@@ -99,7 +99,7 @@ async fn an_invalid_edit_keeps_the_old_policy_and_says_why_everywhere() {
     let dir = policy_dir("invalid");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    // Watch a directory of the policy's own so the test's edits come only through the admin reload.
+    // Not watched: the test's edits take effect only through the admin reload.
     let sidecar = Sidecar::start_path(&file);
     let (_, before) = admin_json(&sidecar, "GET", "/admin/policy").await;
 
@@ -341,7 +341,7 @@ async fn traffic_during_alternating_valid_and_invalid_edits_never_fails_nor_sees
     let dir = policy_dir("soak");
     let file = dir.join("dispatch.yaml");
     std::fs::write(&file, versioned("A", &a)).unwrap();
-    let sidecar = Sidecar::start_path(&dir);
+    let sidecar = Sidecar::start_watching(&dir);
 
     // The editor: every 500 ms, a valid switch to the other upstream, then an invalid edit.
     let editor = {

@@ -30,6 +30,9 @@ pub struct PolicySource {
     pub policy: Option<PathBuf>,
     /// A seed dispatcher `config.yaml` merged in as dispatch rules.
     pub dispatch: Option<PathBuf>,
+    /// Reload when the files change (the binary does unless `--no-watch`); without it, only SIGHUP and
+    /// `POST /admin/reload` reload.
+    pub watch: bool,
     pub overrides: Overrides,
 }
 
@@ -358,7 +361,7 @@ impl PolicyStore {
 
     fn watch(&mut self, ctx: &mut Context<Self>) {
         let dirs = self.source.watch_dirs();
-        if dirs.is_empty() {
+        if !self.source.watch || dirs.is_empty() {
             return;
         }
         let addr = ctx.address();

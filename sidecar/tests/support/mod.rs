@@ -42,10 +42,19 @@ impl Sidecar {
         Self::start_with(source, policy)
     }
 
-    /// Starts the sidecar on a policy file or directory with no other source.
+    /// Starts the sidecar on a policy file or directory, reloaded only by `POST /admin/reload`.
     pub fn start_path(path: &std::path::Path) -> Self {
         Self::start_source(PolicySource {
             policy: Some(path.to_path_buf()),
+            ..PolicySource::default()
+        })
+    }
+
+    /// Starts the sidecar on a policy file or directory that it watches, as the binary does.
+    pub fn start_watching(path: &std::path::Path) -> Self {
+        Self::start_source(PolicySource {
+            policy: Some(path.to_path_buf()),
+            watch: true,
             ..PolicySource::default()
         })
     }
@@ -69,7 +78,8 @@ impl Sidecar {
         Self::start_on(source, policy, egress, admin)
     }
 
-    /// Starts on given sockets with nothing pinned: the policy files name these addresses and may move them.
+    /// Starts on given sockets with nothing pinned: the policy files name these addresses and may move them
+    /// (through `POST /admin/reload`; the files are not watched).
     pub fn start_exact(path: &std::path::Path, egress: StdListener, admin: StdListener) -> Self {
         let mut source = PolicySource {
             policy: Some(path.to_path_buf()),
