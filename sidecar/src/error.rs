@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 
 use actix_http::body::BoxBody;
-use actix_http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use actix_http::{ConnectionType, Response, StatusCode};
 use awc::error::{ConnectError, SendRequestError};
 
@@ -45,6 +45,14 @@ pub enum Cause {
     RequestTimeout,
     /// The app's request body failed while it was being sent.
     RequestBody,
+    /// One attempt's per-try timeout expired and no retry followed.
+    TryTimeout,
+    /// The target's circuit breaker is open (or every endpoint's is).
+    CircuitOpen,
+    /// The target's concurrency limit and its queue are full, or the queue timeout expired.
+    Overloaded,
+    /// The caller is over the target's rate limit.
+    RateLimited,
 }
 
 impl Cause {
@@ -56,8 +64,11 @@ impl Cause {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
             | UpstreamTls => StatusCode::BAD_GATEWAY,
-            UnknownService | NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
-            ConnectTimeout | RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            UnknownService | NoEndpoints | CircuitOpen | Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ConnectTimeout | RequestTimeout | TryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -79,11 +90,15 @@ impl Cause {
             ConnectTimeout => "connect-timeout",
             RequestTimeout => "request-timeout",
             RequestBody => "request-body-error",
+            TryTimeout => "per-try-timeout",
+            CircuitOpen => "circuit-open",
+            Overloaded => "overloaded",
+            RateLimited => "rate-limited",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 14] = {
+    pub const ALL: [Cause; 18] = {
         use Cause::*;
         [
             MissingTarget,
@@ -100,6 +115,10 @@ impl Cause {
             ConnectTimeout,
             RequestTimeout,
             RequestBody,
+            TryTimeout,
+            CircuitOpen,
+            Overloaded,
+            RateLimited,
         ]
     };
 }
@@ -116,6 +135,8 @@ pub struct ProxyError {
     pub cause: Cause,
     pub target: String,
     pub detail: String,
+    /// Headers added to the response (`Retry-After`, `RateLimit`, ...).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl fmt::Display for ProxyError {
@@ -132,7 +153,21 @@ impl ProxyError {
             cause,
             target: target.into(),
             detail: detail.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds `Retry-After` in whole seconds, rounded up (at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.headers
+            .push((RETRY_AFTER, HeaderValue::from(seconds.max(1))));
+        self
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// Classifies an upstream client error.
@@ -176,6 +211,9 @@ impl ProxyError {
         let headers = res.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause.as_str()));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
         if cause == Cause::RequestBody || cause == Cause::HeadersTooLarge {
             // The request body was not read (or failed): never read another request from this connection.
             res.head_mut().set_connection_type(ConnectionType::Close);

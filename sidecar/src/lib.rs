@@ -15,6 +15,8 @@
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
 //! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
 //!   `/admin/reload`).
+//! - [`resilience`]: per-target retries with budgets, circuit breakers, concurrency and rate limits, and the
+//!   actor that reports on them.
 //! - [`telemetry`]: the Prometheus recorder, metric names and request timing.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 
@@ -23,6 +25,7 @@ pub mod admin;
 pub mod dispatch;
 pub mod error;
 pub mod policy;
+pub mod resilience;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;

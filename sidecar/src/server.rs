@@ -282,6 +282,7 @@ pub fn start(
         actix::Actor::start(crate::telemetry::Upkeep);
     }
     let snapshot = Snapshot::shared(&policy);
+    actix::Actor::start(crate::resilience::monitor::Monitor::new(snapshot.clone()));
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
     let egress_factory = EgressFactory {

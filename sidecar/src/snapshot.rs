@@ -12,9 +12,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use metrics::SharedString;
+
 use crate::access_log::AccessLogPolicy;
 use crate::dispatch::target::Upstream;
 use crate::policy::{DispatchRules, Policy, ServicePolicy};
+use crate::resilience::breaker::Breaker;
+use crate::resilience::monitor::{Kind, Scope};
+use crate::resilience::{Authorities, Target};
 
 /// The cell the request path reads and the control plane swaps.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -31,6 +36,10 @@ pub struct Snapshot {
     /// Request heads above this size get 431.
     pub max_header_size: usize,
     pub access_log: AccessLogPolicy,
+    /// Resilience state of URL targets, per authority.
+    pub external: Arc<Authorities>,
+    /// Resilience state of dispatch destinations, per authority.
+    pub dispatch_targets: Arc<Authorities>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -39,23 +48,92 @@ pub struct Service {
     /// Shared with the metrics labels of its requests.
     pub name: Arc<str>,
     pub policy: ServicePolicy,
+    pub endpoints: Vec<Endpoint>,
+    /// Retries, breaker and limits of the service as a whole.
+    pub target: Arc<Target>,
     /// Round-robin position: carried over by reusing the whole `Arc<Service>`.
     next: AtomicUsize,
 }
 
+/// One endpoint of a service, with its own breaker when the service has more than one endpoint (so a failing
+/// instance is skipped while the others serve).
+#[derive(Debug)]
+pub struct Endpoint {
+    pub upstream: Upstream,
+    pub breaker: Option<Arc<Breaker>>,
+    /// `host:port`, for logs and metrics.
+    pub label: SharedString,
+}
+
 impl Service {
+    fn new(name: &str, policy: &ServicePolicy) -> Self {
+        let name: Arc<str> = Arc::from(name);
+        let label = SharedString::from(name.clone());
+        let several = policy.endpoints.len() > 1;
+        let endpoints = policy
+            .endpoints
+            .iter()
+            .map(|upstream| {
+                let authority: Arc<str> = Arc::from(upstream.authority().as_str());
+                let scope = Scope {
+                    service: label.clone(),
+                    endpoint: Some(authority.clone()),
+                    kind: Kind::Endpoint,
+                };
+                Endpoint {
+                    upstream: upstream.clone(),
+                    breaker: policy
+                        .resilience
+                        .breaker
+                        .filter(|_| several)
+                        .map(|p| Breaker::new(p, scope)),
+                    label: SharedString::from(authority),
+                }
+            })
+            .collect();
+        let scope = Scope {
+            service: label,
+            endpoint: None,
+            kind: Kind::Service,
+        };
+        Self {
+            target: Arc::new(Target::new(&policy.resilience, scope)),
+            name,
+            policy: policy.clone(),
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
     pub fn request_timeout(&self) -> Duration {
         self.policy.request_timeout
     }
 
-    /// The next endpoint in turn, or `None` when the service has none.
-    pub fn pick(&self) -> Option<&Upstream> {
-        let endpoints = &self.policy.endpoints;
-        match endpoints.len() {
-            0 => None,
-            1 => endpoints.first(),
-            n => endpoints.get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+    /// The next endpoint in turn whose breaker admits requests, skipping `avoid` (the endpoint that just
+    /// failed) when another is available. `None` when every endpoint's breaker is open.
+    pub fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n <= 1 {
+            return (n == 1).then_some(0);
         }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for i in 0..n {
+            let index = (start + i) % n;
+            let available = self.endpoints[index]
+                .breaker
+                .as_ref()
+                .is_none_or(|b| b.is_available());
+            if !available {
+                continue;
+            }
+            if Some(index) == avoid {
+                fallback = Some(index);
+                continue;
+            }
+            return Some(index);
+        }
+        fallback
     }
 }
 
@@ -70,19 +148,22 @@ impl Snapshot {
                     .and_then(|prev| prev.services.get(name.as_str()))
                     .filter(|s| s.policy == *p)
                     .cloned();
-                let service = kept.unwrap_or_else(|| {
-                    Arc::new(Service {
-                        name: name.as_str().into(),
-                        policy: p.clone(),
-                        next: AtomicUsize::new(0),
-                    })
-                });
+                let service = kept.unwrap_or_else(|| Arc::new(Service::new(name, p)));
                 (Box::from(name.as_str()), service)
             })
             .collect();
+        let resilience = &policy.upstream.resilience;
+        let authorities = |previous: Option<&Arc<Authorities>>, label| {
+            previous
+                .filter(|a| a.policy == *resilience)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Authorities::new(resilience, label)))
+        };
         Self {
             version,
             services,
+            external: authorities(previous.map(|p| &p.external), "external"),
+            dispatch_targets: authorities(previous.map(|p| &p.dispatch_targets), "dispatch"),
             dispatch: policy.dispatch.clone(),
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,

@@ -95,6 +95,7 @@ fn describe() {
     );
     metrics::describe_gauge!(POLICY_VERSION, "The version of the policy serving now.");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
+    crate::resilience::monitor::describe();
     metrics::describe_counter!(
         access_log::DROPPED,
         "Access log lines dropped because the writer fell behind."
@@ -320,7 +321,7 @@ impl Instruments {
 
 /// Fx hashing (rustc's): the keys are a short string and three addresses, so a fast hasher is enough.
 #[derive(Debug, Default)]
-struct FxHasher(u64);
+pub(crate) struct FxHasher(u64);
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -363,6 +364,8 @@ pub struct Timed<B> {
     /// The access log line, for a sampled request; completed and handed to the writer on drop.
     log: Option<(Record, BytesIn)>,
     bytes_out: u64,
+    /// Whatever the request holds until its body ends (its concurrency slot).
+    _hold: crate::dispatch::forward::Hold,
 }
 
 impl<B> std::fmt::Debug for Timed<B> {
@@ -378,6 +381,7 @@ impl<B> Timed<B> {
         started: Instant,
         in_flight: InFlight,
         log: Option<(Record, BytesIn)>,
+        hold: crate::dispatch::forward::Hold,
     ) -> Self {
         Self {
             inner,
@@ -386,6 +390,7 @@ impl<B> Timed<B> {
             _in_flight: in_flight,
             log,
             bytes_out: 0,
+            _hold: hold,
         }
     }
 }

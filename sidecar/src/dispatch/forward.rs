@@ -13,24 +13,46 @@
 
 use std::cell::Cell;
 use std::mem;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
-use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap};
+use actix_http::error::PayloadError;
+use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
 use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
+use awc::FrozenClientRequest;
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt, stream};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
-use super::route::route;
+use super::route::{Dest, route};
+use super::target::Upstream;
 use crate::access_log::{Record, Sampler};
 use crate::error::{Cause, ProxyError};
-use crate::snapshot::SharedSnapshot;
+use crate::policy::resilience::Retries;
+use crate::resilience::Target;
+use crate::resilience::breaker::{Admit, Breaker, Ticket};
+use crate::resilience::limits::Overload;
+use crate::resilience::monitor;
+use crate::resilience::retry::{Attempt, backoff, idempotent, retry_after};
+use crate::snapshot::{Service, SharedSnapshot};
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use metrics::SharedString;
 
-type Upstream = awc::ClientResponse;
+type UpstreamBody = awc::ClientResponse;
 /// The response body: the upstream's, with or without a known length, or the sidecar's own error body.
-pub type ProxyBody = EitherBody<EitherBody<SizedStream<Upstream>, BodyStream<Upstream>>, BoxBody>;
+pub type ProxyBody =
+    EitherBody<EitherBody<SizedStream<UpstreamBody>, BodyStream<UpstreamBody>>, BoxBody>;
+
+/// How many attempts the sidecar made for a response.
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sidecar-attempts");
+/// draft-ietf-httpapi-ratelimit-headers: the quota policy.
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// draft-ietf-httpapi-ratelimit-headers: what remains and when it resets.
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// One worker's forwarder: the shared snapshot and the worker's own upstream client.
 pub struct Forwarder {
@@ -81,7 +103,8 @@ impl Forwarder {
             attempts: 0,
             bytes_in: BytesIn::None,
         };
-        let (res, outcome) = match self.forward(req, &mut labels).await {
+        let mut hold = Hold::default();
+        let (mut res, outcome) = match self.forward(req, started, &mut labels, &mut hold).await {
             Ok(res) => (res, "ok"),
             Err(e) => {
                 tracing::debug!(cause = %e.cause, target = %e.target, detail = %e.detail, "request refused");
@@ -91,6 +114,10 @@ impl Forwarder {
                 )
             }
         };
+        if labels.attempts > 0 {
+            res.headers_mut()
+                .insert(ATTEMPTS, HeaderValue::from(labels.attempts));
+        }
         let histogram = self
             .instruments
             .server_histogram(&labels, res.status(), outcome);
@@ -102,22 +129,24 @@ impl Forwarder {
             r.error = (outcome != "ok").then_some(outcome);
             (r, mem::take(&mut labels.bytes_in))
         });
-        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight, log))
+        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight, log, hold))
     }
 
     async fn forward(
         &self,
         req: Request,
+        started: Instant,
         labels: &mut RequestLabels,
+        hold: &mut Hold,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let peer = req.peer_addr();
         let (mut head, payload) = req.into_parts();
-        let body = request_body(&head);
+        let framing = request_body(&head);
         let method = mem::replace(&mut head.method, Method::GET);
 
         // Everything that needs the snapshot happens in this block: the guard is released before the upstream
         // is awaited, so a slow upstream never pins an old policy.
-        let (uri, headers, timeout) = {
+        let (plan, headers) = {
             let snapshot = self.snapshot.load();
             if head_size(&head) > snapshot.max_header_size {
                 return Err(ProxyError::new(
@@ -130,12 +159,35 @@ impl Forwarder {
                 ));
             }
             let route = route(&snapshot, &head.headers)?;
-            let uri = route.upstream.uri_for(&head.uri).map_err(|why| {
-                ProxyError::new(Cause::BadTarget, route.upstream.to_string(), why)
-            })?;
+            labels.service = route.label.clone();
+            let (upstreams, target) = match route.upstream {
+                Dest::Url(u) => {
+                    let target = snapshot.external.get(u.authority().as_str());
+                    (Upstreams::One(u), target)
+                }
+                Dest::Dispatch(u) => {
+                    let target = snapshot.dispatch_targets.get(u.authority().as_str());
+                    (Upstreams::One(u.clone()), target)
+                }
+                Dest::Service(s) => (Upstreams::Service(s.clone()), s.target.clone()),
+            };
+            // The rate limit reads the app's headers as they came, before any patch.
+            if let Some(limit) = &target.rate_limit
+                && let Err(limited) = limit.check(&head.headers, peer.map(|p| p.ip()))
+            {
+                metrics::counter!(monitor::RATE_LIMITED, "service" => labels.service.clone())
+                    .increment(1);
+                return Err(ProxyError::new(
+                    Cause::RateLimited,
+                    upstreams.name(),
+                    "over the rate limit",
+                )
+                .retry_after(limited.retry_after)
+                .with_header(RATELIMIT_POLICY, limit.policy_header().clone())
+                .with_header(RATELIMIT, limit.refusal_header(limited)));
+            }
             let mut headers = mem::take(&mut head.headers);
             strip_request(&mut headers);
-            headers.insert(HOST, route.upstream.host_header().clone());
             for (name, value) in route.patch {
                 headers.insert(name.clone(), value.clone());
             }
@@ -144,51 +196,442 @@ impl Forwarder {
             {
                 append_forwarded_for(&mut headers, peer.ip());
             }
-            labels.service = route.label.clone();
-            (uri, headers, route.request_timeout)
+            let plan = Plan {
+                host_patched: route.patch.iter().any(|(name, _)| name == HOST),
+                upstreams,
+                target,
+                deadline: started + route.request_timeout,
+                timeout: route.request_timeout,
+            };
+            (plan, headers)
         };
+        let target = &plan.target;
+        let retries = &target.policy.retries;
 
-        // Kept for the error body; cloning a URI only bumps reference counts.
-        let target = uri.clone();
-        let mut upstream = self
-            .client
-            .request(method, uri)
-            .timeout(timeout)
-            .no_decompress();
-        *upstream.headers_mut() = headers;
-        labels.upstream = target.authority().cloned();
-        labels.attempts = 1;
-        let sending = match body {
-            // `send()` would add `content-length: 0` to every GET.
-            BodySize::None => upstream.send_body(body::None::new()),
-            BodySize::Sized(0) => upstream.send_body(()),
+        let mut ticket = match target.breaker.as_ref().map(Breaker::admit) {
+            None => None,
+            Some(Admit::Pass(ticket)) => Some(ticket),
+            Some(Admit::Refuse(wait)) => {
+                metrics::counter!(monitor::CIRCUIT_OPEN, "service" => labels.service.clone())
+                    .increment(1);
+                return Err(ProxyError::new(
+                    Cause::CircuitOpen,
+                    plan.upstreams.name(),
+                    "the circuit breaker is open after repeated failures",
+                )
+                .retry_after(wait));
+            }
+        };
+        if let Some(limit) = &target.concurrency {
+            match limit.acquire(plan.deadline).await {
+                Ok(permit) => hold.permit = Some(permit),
+                Err(overload) => {
+                    metrics::counter!(
+                        monitor::OVERLOADED,
+                        "service" => labels.service.clone(),
+                        "reason" => overload.as_str(),
+                    )
+                    .increment(1);
+                    let (cause, detail) = match overload {
+                        Overload::Deadline => (
+                            Cause::RequestTimeout,
+                            format!("the request timeout ({:?}) expired in the queue", plan.timeout),
+                        ),
+                        Overload::QueueFull => (
+                            Cause::Overloaded,
+                            "too many requests in flight and the queue is full".to_string(),
+                        ),
+                        Overload::QueueTimeout => (
+                            Cause::Overloaded,
+                            "too many requests in flight; no slot came free within the queue timeout"
+                                .to_string(),
+                        ),
+                    };
+                    return Err(ProxyError::new(cause, plan.upstreams.name(), detail));
+                }
+            }
+        }
+        if let Some(budget) = &target.budget {
+            budget.deposit();
+        }
+
+        let mut body = Body::read(framing, payload, retries, plan.deadline, labels).await?;
+        let mut request: Option<(usize, FrozenClientRequest)> = None;
+        let mut headers = Some(headers);
+        let mut avoid = None;
+        loop {
+            let (index, upstream, endpoint_ticket) = plan.choose(avoid)?;
+            let frozen = match request.take() {
+                Some((i, frozen)) if i == index => frozen,
+                previous => {
+                    // A new endpoint: its own URI and Host. The app's headers are moved into the first request
+                    // and copied only when a retry goes elsewhere.
+                    let mut map = match (headers.take(), &previous) {
+                        (Some(h), _) => h,
+                        (None, Some((_, p))) => p.headers().clone(),
+                        (None, None) => HeaderMap::new(),
+                    };
+                    if !plan.host_patched {
+                        map.insert(HOST, upstream.host_header().clone());
+                    }
+                    let uri = upstream.uri_for(&head.uri).map_err(|why| {
+                        ProxyError::new(Cause::BadTarget, upstream.to_string(), why)
+                    })?;
+                    let mut builder = self.client.request(method.clone(), uri).no_decompress();
+                    *builder.headers_mut() = map;
+                    builder.freeze().map_err(|e| {
+                        ProxyError::new(Cause::BadTarget, upstream.to_string(), e.to_string())
+                    })?
+                }
+            };
+            labels.upstream = Some(upstream.authority().clone());
+            labels.attempts += 1;
+
+            let now = Instant::now();
+            let remaining = plan.deadline.saturating_duration_since(now);
+            let (limit, per_try) = match target.policy.per_try {
+                Some(p) if p < remaining => (p, true),
+                _ => (remaining, false),
+            };
+            let result = tokio::time::timeout(limit, body.send(&frozen)).await;
+            let elapsed = now.elapsed();
+            let result = match result {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err(ProxyError::from_send(&e, frozen.get_uri().to_string())),
+                Err(_elapsed) if per_try => Err(ProxyError::new(
+                    Cause::TryTimeout,
+                    frozen.get_uri().to_string(),
+                    format!("no response head within the per-try timeout ({limit:?})"),
+                )),
+                Err(_elapsed) => Err(ProxyError::new(
+                    Cause::RequestTimeout,
+                    frozen.get_uri().to_string(),
+                    format!(
+                        "no response head within the request timeout ({:?}, {} attempt(s))",
+                        plan.timeout, labels.attempts
+                    ),
+                )),
+            };
+            let attempt = match &result {
+                Ok(response) => {
+                    self.instruments
+                        .record_attempt(labels, elapsed, Some(response.status()), "ok");
+                    Attempt::Status(response.status().as_u16())
+                }
+                Err(e) => {
+                    self.instruments
+                        .record_attempt(labels, elapsed, None, e.cause.as_str());
+                    Attempt::Failed(e.cause)
+                }
+            };
+            if let Some(t) = endpoint_ticket {
+                t.record(attempt.is_failure());
+            }
+
+            let decision = self.decide(&plan, &method, &body, attempt, &result, labels.attempts);
+            match decision {
+                Decision::Retry(wait) => {
+                    metrics::counter!(
+                        monitor::RETRIES,
+                        "service" => labels.service.clone(),
+                        "reason" => attempt.reason(),
+                    )
+                    .increment(1);
+                    // An unread error body closes its connection when dropped; the pool keeps the others.
+                    drop(result);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    avoid = Some(index);
+                    request = Some((index, frozen));
+                    continue;
+                }
+                Decision::Skip(reason) => {
+                    metrics::counter!(
+                        monitor::RETRIES_SKIPPED,
+                        "service" => labels.service.clone(),
+                        "reason" => reason,
+                    )
+                    .increment(1);
+                }
+                Decision::Done => {}
+            }
+            if let Some(t) = ticket.take() {
+                t.record(attempt.is_failure());
+            }
+            return result.map(relay);
+        }
+    }
+
+    /// Whether to retry after an attempt, and after how long.
+    fn decide(
+        &self,
+        plan: &Plan,
+        method: &Method,
+        body: &Body,
+        attempt: Attempt,
+        result: &Result<awc::ClientResponse, ProxyError>,
+        attempts: u32,
+    ) -> Decision {
+        let retries = &plan.target.policy.retries;
+        if !attempt.matches(retries) {
+            return Decision::Done;
+        }
+        if attempts > retries.max_retries {
+            return if retries.max_retries == 0 {
+                Decision::Done
+            } else {
+                Decision::Skip("attempts")
+            };
+        }
+        if !(idempotent(method) || retries.non_idempotent || attempt.never_sent()) {
+            return Decision::Skip("method");
+        }
+        if !body.replayable() {
+            return Decision::Skip("body_not_replayable");
+        }
+        let asked = match (attempt, result) {
+            (Attempt::Status(429 | 503), Ok(response)) => retry_after(response.headers()),
+            _ => None,
+        };
+        let wait = match asked {
+            Some(wait) if wait > retries.retry_after_max => {
+                return Decision::Skip("retry_after_too_long");
+            }
+            Some(wait) => wait,
+            None => backoff(retries, attempts),
+        };
+        if Instant::now() + wait >= plan.deadline {
+            return Decision::Skip("deadline");
+        }
+        if let Some(budget) = &plan.target.budget
+            && !budget.try_withdraw()
+        {
+            return Decision::Skip("budget_exhausted");
+        }
+        Decision::Retry(wait)
+    }
+}
+
+/// What the request holds until its response body ends.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// The target's concurrency slot.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The destination and resilience state of one request, owned so no snapshot guard is held across awaits.
+struct Plan {
+    upstreams: Upstreams,
+    target: Arc<Target>,
+    /// The request timeout's end: it bounds every attempt, backoff and queue wait together.
+    deadline: Instant,
+    timeout: Duration,
+    /// Dispatch rules set `Host` themselves: keep theirs.
+    host_patched: bool,
+}
+
+enum Upstreams {
+    One(Upstream),
+    Service(Arc<Service>),
+}
+
+impl Upstreams {
+    fn name(&self) -> String {
+        match self {
+            Upstreams::One(u) => u.to_string(),
+            Upstreams::Service(s) => s.name.to_string(),
+        }
+    }
+}
+
+impl Plan {
+    /// The upstream for the next attempt, with the endpoint breaker's admission when it has one.
+    fn choose(
+        &self,
+        avoid: Option<usize>,
+    ) -> Result<(usize, &Upstream, Option<Ticket>), ProxyError> {
+        let service = match &self.upstreams {
+            Upstreams::One(u) => return Ok((0, u, None)),
+            Upstreams::Service(s) => s,
+        };
+        let refused = |service: &Service| {
+            let wait = service
+                .endpoints
+                .iter()
+                .filter_map(|e| e.breaker.as_ref().map(|b| b.remaining_open()))
+                .min()
+                .unwrap_or_default();
+            ProxyError::new(
+                Cause::CircuitOpen,
+                service.name.to_string(),
+                "every endpoint's circuit breaker is open",
+            )
+            .retry_after(wait)
+        };
+        let index = service.pick(avoid).ok_or_else(|| refused(service))?;
+        let endpoint = &service.endpoints[index];
+        let ticket = match endpoint.breaker.as_ref().map(Breaker::admit) {
+            None => None,
+            Some(Admit::Pass(t)) => Some(t),
+            Some(Admit::Refuse(_)) => return Err(refused(service)),
+        };
+        Ok((index, &endpoint.upstream, ticket))
+    }
+}
+
+enum Decision {
+    Retry(Duration),
+    /// The conditions called for a retry that the policy does not allow now: the reason, counted.
+    Skip(&'static str),
+    Done,
+}
+
+/// The app's request body, kept for replay when it is small enough, streamed once otherwise.
+enum Body {
+    None,
+    Empty,
+    Replay(Bytes),
+    /// Kept for replay, sent chunked as the app sent it.
+    ReplayChunked(Bytes),
+    Sized(u64, Option<Payload>),
+    Stream(Option<BoxedPayload>),
+}
+
+impl Body {
+    /// Reads a body of up to `max_body` bytes into memory when retries are on; streams anything larger.
+    async fn read(
+        framing: BodySize,
+        payload: Payload,
+        retries: &Retries,
+        deadline: Instant,
+        labels: &mut RequestLabels,
+    ) -> Result<Self, ProxyError> {
+        let keep = retries.max_retries > 0;
+        match framing {
+            BodySize::None => Ok(Body::None),
+            BodySize::Sized(0) => Ok(Body::Empty),
+            BodySize::Sized(n) if keep && n <= retries.max_body as u64 => {
+                labels.bytes_in = BytesIn::Known(n);
+                let (chunks, rest) = collect(payload, retries.max_body, deadline).await?;
+                match rest {
+                    None => Ok(Body::Replay(concat(chunks))),
+                    // More bytes than announced: the codec refuses that before we see it, so this only keeps
+                    // the stream intact rather than cutting it.
+                    Some(rest) => Ok(Body::Sized(
+                        n,
+                        Some(Payload::from(Box::pin(
+                            stream::iter(chunks.into_iter().map(Ok)).chain(rest),
+                        ) as BoxedPayload)),
+                    )),
+                }
+            }
             BodySize::Sized(n) => {
                 labels.bytes_in = BytesIn::Known(n);
-                upstream.send_body(SizedStream::new(n, payload))
+                Ok(Body::Sized(n, Some(payload)))
             }
             BodySize::Stream => {
                 let count = Rc::new(Cell::new(0));
                 labels.bytes_in = BytesIn::Counted(count.clone());
-                upstream.send_stream(Counted::new(payload, count))
+                if keep {
+                    let (chunks, rest) = collect(payload, retries.max_body, deadline).await?;
+                    match rest {
+                        None => {
+                            let body = concat(chunks);
+                            count.set(body.len() as u64);
+                            return Ok(Body::ReplayChunked(body));
+                        }
+                        Some(rest) => {
+                            let all = stream::iter(chunks.into_iter().map(Ok)).chain(rest);
+                            return Ok(Body::Stream(Some(Box::pin(Counted::new(all, count)))));
+                        }
+                    }
+                }
+                Ok(Body::Stream(Some(Box::pin(Counted::new(payload, count)))))
             }
-        };
-        let attempt = Instant::now();
-        match sending.await {
-            Ok(response) => {
-                self.instruments.record_attempt(
-                    labels,
-                    attempt.elapsed(),
-                    Some(response.status()),
-                    "ok",
-                );
-                Ok(relay(response))
+        }
+    }
+
+    /// Whether a retry can send the same body again.
+    fn replayable(&self) -> bool {
+        matches!(
+            self,
+            Body::None | Body::Empty | Body::Replay(_) | Body::ReplayChunked(_)
+        )
+    }
+
+    /// Sends the request with this body; a streamed body goes with its first attempt.
+    fn send(&mut self, request: &FrozenClientRequest) -> awc::SendClientRequest {
+        match self {
+            // `send()` would add `content-length: 0` to every GET.
+            Body::None => request.send_body(body::None::new()),
+            Body::Empty => request.send_body(()),
+            Body::Replay(bytes) => request.send_body(bytes.clone()),
+            Body::ReplayChunked(bytes) => request.send_stream(stream::once(std::future::ready(
+                Ok::<_, PayloadError>(bytes.clone()),
+            ))),
+            Body::Sized(n, payload) => match payload.take() {
+                Some(p) => request.send_body(SizedStream::new(*n, p)),
+                None => request.send_body(()),
+            },
+            Body::Stream(stream) => match stream.take() {
+                Some(s) => request.send_stream(s),
+                None => request.send_body(()),
+            },
+        }
+    }
+}
+
+type BoxedPayload = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
+
+/// Reads the body until it ends (`None` rest) or passes `limit` bytes (the rest of the stream returned), by the
+/// request's deadline.
+async fn collect(
+    mut payload: Payload,
+    limit: usize,
+    deadline: Instant,
+) -> Result<(Vec<Bytes>, Option<Payload>), ProxyError> {
+    let mut chunks = Vec::new();
+    let mut read = 0;
+    let reading = async {
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                ProxyError::new(
+                    Cause::RequestBody,
+                    "",
+                    format!("reading the request body: {e}"),
+                )
+            })?;
+            read += chunk.len();
+            chunks.push(chunk);
+            if read > limit {
+                return Ok(false);
             }
-            Err(e) => {
-                let e = ProxyError::from_send(&e, target.to_string());
-                self.instruments
-                    .record_attempt(labels, attempt.elapsed(), None, e.cause.as_str());
-                Err(e)
+        }
+        Ok(true)
+    };
+    let complete = tokio::time::timeout_at(deadline.into(), reading)
+        .await
+        .map_err(|_| {
+            ProxyError::new(
+                Cause::RequestTimeout,
+                "",
+                "the request body did not arrive within the request timeout",
+            )
+        })??;
+    Ok((chunks, (!complete).then_some(payload)))
+}
+
+fn concat(chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for c in chunks {
+                all.extend_from_slice(&c);
             }
+            all.freeze()
         }
     }
 }

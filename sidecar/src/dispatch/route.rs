@@ -3,6 +3,7 @@
 //! Pure and synchronous: no I/O, no locks, no actor. A `target` header wins; dispatch rules decide for requests
 //! without one; with neither the request is refused.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -11,7 +12,7 @@ use metrics::SharedString;
 use super::headers::{INTERNAL, TARGET};
 use super::target::Upstream;
 use crate::error::{Cause, ProxyError};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Service, Snapshot};
 
 /// Where one request goes and what is done to it on the way.
 #[derive(Debug)]
@@ -26,19 +27,21 @@ pub struct Route<'a> {
     pub label: SharedString,
 }
 
-/// An upstream parsed for this request (a `target` URL) or borrowed from the snapshot.
+/// Where the request goes: a URL parsed for this request, a dispatch destination, or a service whose
+/// endpoint is chosen per attempt.
 #[derive(Debug)]
 pub enum Dest<'a> {
-    Owned(Upstream),
-    Shared(&'a Upstream),
+    Url(Upstream),
+    Dispatch(&'a Upstream),
+    Service(&'a Arc<Service>),
 }
 
-impl std::ops::Deref for Dest<'_> {
-    type Target = Upstream;
-    fn deref(&self) -> &Upstream {
+impl std::fmt::Display for Dest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Dest::Owned(u) => u,
-            Dest::Shared(u) => u,
+            Dest::Url(u) => u.fmt(f),
+            Dest::Dispatch(u) => u.fmt(f),
+            Dest::Service(s) => f.write_str(&s.name),
         }
     }
 }
@@ -52,7 +55,7 @@ pub fn route<'a>(snapshot: &'a Snapshot, headers: &HeaderMap) -> Result<Route<'a
         Some(rules) => {
             let rewrite = rules.select(headers);
             Ok(Route {
-                upstream: Dest::Shared(&rewrite.destination),
+                upstream: Dest::Dispatch(&rewrite.destination),
                 patch: &rewrite.patch,
                 forwarded_for: true,
                 request_timeout: snapshot.request_timeout,
@@ -100,11 +103,15 @@ fn route_target<'a>(
                 format!("no service named {name:?} in the service registry"),
             )
         })?;
-        let upstream = service.pick().ok_or_else(|| {
-            ProxyError::new(Cause::NoEndpoints, name, "the service has no endpoints")
-        })?;
+        if service.endpoints.is_empty() {
+            return Err(ProxyError::new(
+                Cause::NoEndpoints,
+                name,
+                "the service has no endpoints",
+            ));
+        }
         return Ok(Route {
-            upstream: Dest::Shared(upstream),
+            upstream: Dest::Service(service),
             patch: &[],
             forwarded_for: false,
             request_timeout: service.request_timeout(),
@@ -120,7 +127,7 @@ fn route_target<'a>(
         ProxyError::new(Cause::BadTarget, text, detail)
     })?;
     Ok(Route {
-        upstream: Dest::Owned(upstream),
+        upstream: Dest::Url(upstream),
         patch: &[],
         forwarded_for: false,
         request_timeout: snapshot.request_timeout,
@@ -173,12 +180,14 @@ mod tests {
     }
 
     #[test]
-    fn internal_targets_resolve_through_the_registry_in_turn() {
+    fn internal_targets_resolve_through_the_registry() {
         let s = snapshot(WITH_RULES);
         let h = headers(&[("target", "orders"), ("internal", "TRUE")]);
-        let a = route(&s, &h).unwrap().upstream.to_string();
-        let b = route(&s, &h).unwrap().upstream.to_string();
-        assert_ne!(a, b);
+        assert_eq!(route(&s, &h).unwrap().upstream.to_string(), "orders");
+        let orders = &s.services["orders"];
+        let (a, b) = (orders.pick(None), orders.pick(None));
+        assert_ne!(a, b, "endpoints are taken in turn");
+        assert_ne!(orders.pick(a), a, "a failed endpoint is avoided on retry");
         let unknown = route(
             &s,
             &headers(&[("target", "payments"), ("internal", "true")]),

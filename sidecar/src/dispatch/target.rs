@@ -93,6 +93,10 @@ impl Upstream {
         })
     }
 
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// The `Host` header value: the upstream's authority.
     pub fn host_header(&self) -> &HeaderValue {
         &self.host

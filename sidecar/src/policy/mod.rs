@@ -8,6 +8,7 @@
 pub mod duration;
 pub mod locate;
 mod raw;
+pub mod resilience;
 pub mod seed;
 pub mod store;
 pub mod units;
@@ -57,8 +58,8 @@ pub struct Listeners {
     pub drain_timeout: Duration,
 }
 
-/// Timeouts and connection-pool settings used for every upstream unless a service overrides them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Timeouts, connection-pool settings and resilience used for every upstream unless a service overrides them.
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub timeouts: Timeouts,
     /// How long an idle pooled upstream connection is kept: shorter than common app keep-alives (Node's 5 s), so
@@ -66,6 +67,8 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// Upstream connections per worker (0: no limit).
     pub max_connections: usize,
+    /// Retries, breaker, limits for URL targets and dispatch destinations; the base of every service's.
+    pub resilience: resilience::Resilience,
 }
 
 /// Request timeouts.
@@ -79,11 +82,13 @@ pub struct Timeouts {
 }
 
 /// The policy of one service reached with `internal: true`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServicePolicy {
     pub endpoints: Vec<Upstream>,
-    /// Time allowed until the response head; the default's when not set.
+    /// Time allowed until the response head, all attempts included; the default's when not set.
     pub request_timeout: Duration,
+    /// The defaults' resilience with this service's overrides.
+    pub resilience: resilience::Resilience,
 }
 
 /// Every problem found in a policy, each on its own line.
@@ -417,6 +422,12 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_default_spells_out_the_built_in_resilience() {
+        let p = Policy::embedded_default().unwrap();
+        assert_eq!(p.upstream.resilience, resilience::Resilience::default());
+    }
+
+    #[test]
     fn embedded_default_is_valid_and_listens_on_loopback_5000() {
         let p = Policy::embedded_default().unwrap();
         assert_eq!(p.listeners.egress, "127.0.0.1:5000".parse().unwrap());
@@ -429,6 +440,23 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("p.yaml:2:3: "), "{text}");
         assert!(text.contains("egres"), "{text}");
+    }
+
+    #[test]
+    fn resilience_errors_name_the_field_and_line() {
+        let yaml = "defaults:\n  retries:\n    on: [reset, sometimes]\nservices:\n  orders:\n    endpoints: ['h:1']\n    rate_limit:\n      rate: fast\n";
+        let err = Policy::from_yaml("p.yaml", yaml).unwrap_err();
+        assert_eq!(err.errors.len(), 2, "{err}");
+        assert!(
+            err.errors[0].starts_with("p.yaml:3:")
+                && err.errors[0].contains("defaults.retries.on[1]"),
+            "{err}"
+        );
+        assert!(
+            err.errors[1].starts_with("p.yaml:8:")
+                && err.errors[1].contains("services.orders.rate_limit.rate"),
+            "{err}"
+        );
     }
 
     #[test]

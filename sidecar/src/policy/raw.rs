@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::resilience::{RawBreaker, RawConcurrency, RawRateLimit, RawResilience, RawRetries};
 use super::seed::RawDispatch;
 use super::{Issue, Listeners, Policy, ServicePolicy, Timeouts, UpstreamSettings, duration, units};
 use crate::access_log::AccessLogPolicy;
@@ -76,6 +77,22 @@ struct RawDefaults {
     timeouts: RawTimeouts,
     #[serde(default)]
     pool: RawPool,
+    retries: Option<RawRetries>,
+    circuit_breaker: Option<RawBreaker>,
+    concurrency: Option<RawConcurrency>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+impl RawDefaults {
+    fn resilience(&self) -> RawResilience {
+        RawResilience {
+            per_try: self.timeouts.per_try,
+            retries: self.retries.clone(),
+            circuit_breaker: self.circuit_breaker.clone(),
+            concurrency: self.concurrency.clone(),
+            rate_limit: self.rate_limit.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +102,8 @@ struct RawTimeouts {
     connect: Option<Duration>,
     #[serde(default, with = "duration::serde_opt")]
     request: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    per_try: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +121,22 @@ struct RawService {
     endpoints: Vec<String>,
     #[serde(default)]
     timeouts: RawServiceTimeouts,
+    retries: Option<RawRetries>,
+    circuit_breaker: Option<RawBreaker>,
+    concurrency: Option<RawConcurrency>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+impl RawService {
+    fn resilience(&self) -> RawResilience {
+        RawResilience {
+            per_try: self.timeouts.per_try,
+            retries: self.retries.clone(),
+            circuit_breaker: self.circuit_breaker.clone(),
+            concurrency: self.concurrency.clone(),
+            rate_limit: self.rate_limit.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +144,8 @@ struct RawService {
 struct RawServiceTimeouts {
     #[serde(default, with = "duration::serde_opt")]
     request: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    per_try: Option<Duration>,
 }
 
 impl RawPolicy {
@@ -131,6 +168,7 @@ impl RawPolicy {
         let d = &self.defaults;
         let defaults_set = d.timeouts.connect.is_some()
             || d.timeouts.request.is_some()
+            || d.resilience().is_set()
             || d.pool.idle_timeout.is_some()
             || d.pool.max_connections.is_some();
         self.origin.defaults = defaults_set.then(|| file.to_string());
@@ -258,6 +296,17 @@ impl RawPolicy {
             }
         }
 
+        let default_resilience = self.defaults.resilience();
+        let before = issues.len();
+        let resilience = default_resilience.validate(&defaults_file, "defaults", &mut issues);
+        let default_issues: Vec<(String, String)> = issues[before..]
+            .iter()
+            .map(|i| {
+                let path = i.path.strip_prefix("defaults.").unwrap_or(&i.path);
+                (path.to_string(), i.message.clone())
+            })
+            .collect();
+
         let mut services = BTreeMap::new();
         for (name, raw) in self.services {
             let file = self
@@ -301,11 +350,31 @@ impl RawPolicy {
                     "must be more than 0, got 0",
                 ));
             }
+            let own = raw.resilience();
+            let service_resilience = if own.is_set() {
+                let mut found = Vec::new();
+                let r = own
+                    .over(&default_resilience)
+                    .validate(&file, &field, &mut found);
+                // A bad value inherited from `defaults` is reported there, once.
+                let prefix = format!("{field}.");
+                found.retain(|i| {
+                    let suffix = i.path.strip_prefix(&prefix).unwrap_or(&i.path);
+                    !default_issues
+                        .iter()
+                        .any(|(p, m): &(String, String)| p == suffix && *m == i.message)
+                });
+                issues.append(&mut found);
+                r
+            } else {
+                resilience.clone()
+            };
             services.insert(
                 name,
                 ServicePolicy {
                     endpoints,
                     request_timeout,
+                    resilience: service_resilience,
                 },
             );
         }
@@ -356,6 +425,7 @@ impl RawPolicy {
                 timeouts,
                 idle_timeout,
                 max_connections: self.defaults.pool.max_connections.unwrap_or(0),
+                resilience,
             },
             services,
             dispatch,

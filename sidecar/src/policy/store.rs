@@ -316,7 +316,12 @@ impl PolicyStore {
             policy.listeners.egress = self.active.listeners.egress;
             policy.listeners.admin = self.active.listeners.admin;
             policy.listeners.workers = self.active.listeners.workers;
-            policy.upstream = self.active.upstream.clone();
+            // Only the pool settings live in the running server; timeouts and resilience apply through the
+            // snapshot.
+            let (running, next) = (&self.active.upstream, &mut policy.upstream);
+            next.timeouts.connect = running.timeouts.connect;
+            next.idle_timeout = running.idle_timeout;
+            next.max_connections = running.max_connections;
         }
         let version = self.status.version + 1;
         let next = Snapshot::build(&policy, version, Some(&self.snapshot.load()));
