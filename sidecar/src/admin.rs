@@ -4,7 +4,8 @@
 //! version, source files, content hash, reload counters and the last reload error; `POST /admin/reload` reloads
 //! now and answers 200 when the policy was applied or unchanged, 422 with every error when it was rejected.
 //! `GET /healthz` says the process is alive; `GET /readyz` says it should get traffic (policy loaded, listeners
-//! bound, not draining), or answers 503 with the reason.
+//! bound, not draining), or answers 503 with the reason. `GET /admin/targets` shows each target's live
+//! resilience state: breakers (and each endpoint's), requests in flight and queued, retry budget use.
 //! Does not own: the policy itself ([`crate::policy::store`]). The telemetry issue adds the rest of the surface.
 
 use std::net::TcpListener;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::policy::store::{PolicyHandle, ReloadResult};
+use crate::snapshot::SharedSnapshot;
 
 /// Set once a SIGTERM/SIGINT starts the drain; readiness turns false.
 pub type Draining = Arc<AtomicBool>;
@@ -51,6 +53,10 @@ async fn policy(handle: web::Data<PolicyHandle>) -> HttpResponse {
     }
 }
 
+async fn targets(snapshot: web::Data<SharedSnapshot>) -> HttpResponse {
+    HttpResponse::Ok().json(snapshot.load().targets())
+}
+
 async fn reload(handle: web::Data<PolicyHandle>) -> HttpResponse {
     match handle.reload("admin").await {
         Ok(report) if report.result == ReloadResult::Rejected => {
@@ -67,13 +73,17 @@ async fn reload(handle: web::Data<PolicyHandle>) -> HttpResponse {
 pub fn server(
     handle: PolicyHandle,
     draining: Draining,
+    snapshot: SharedSnapshot,
     listener: TcpListener,
 ) -> std::io::Result<Server> {
     let (handle, draining) = (web::Data::new(handle), web::Data::new(draining));
+    let snapshot = web::Data::new(snapshot);
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(handle.clone())
             .app_data(draining.clone())
+            .app_data(snapshot.clone())
+            .route("/admin/targets", web::get().to(targets))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))

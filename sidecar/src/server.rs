@@ -246,9 +246,10 @@ impl ListenerControl for Servers {
             && let Some((slot, handle)) = &mut self.admin
         {
             let (handle, draining) = (handle.clone(), self.draining.clone());
+            let snapshot = self.egress_factory.snapshot.clone();
             done.push(
                 slot.replace(&self.tasks, b.admin, true, |l| {
-                    crate::admin::server(handle, draining, l)
+                    crate::admin::server(handle, draining, snapshot, l)
                 })
                 .map(|()| format!("admin listener moved to {}", b.admin))
                 .map_err(|e| {
@@ -305,9 +306,9 @@ pub fn start(
     let handle = PolicyHandle::from(context.address());
     let admin = match listeners.admin {
         Some(listener) => {
-            let (h, d) = (handle.clone(), draining.clone());
+            let (h, d, s) = (handle.clone(), draining.clone(), snapshot.clone());
             Some((
-                Slot::start(&tasks, listener, true, |l| crate::admin::server(h, d, l))?,
+                Slot::start(&tasks, listener, true, |l| crate::admin::server(h, d, s, l))?,
                 handle.clone(),
             ))
         }

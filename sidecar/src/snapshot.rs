@@ -109,6 +109,26 @@ impl Service {
         self.policy.request_timeout
     }
 
+    /// The live state of the service and its endpoints, as `GET /admin/targets` shows it.
+    pub fn state(&self) -> serde_json::Value {
+        let endpoints: Vec<serde_json::Value> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "address": e.label.as_ref(),
+                    "breaker": e.breaker.as_ref().map(|b| b.state().as_str()),
+                    "available": e.breaker.as_ref().is_none_or(|b| b.is_available()),
+                })
+            })
+            .collect();
+        let mut state = self.target.state();
+        if let Some(object) = state.as_object_mut() {
+            object.insert("endpoints".into(), endpoints.into());
+        }
+        state
+    }
+
     /// The next endpoint in turn whose breaker admits requests, skipping `avoid` (the endpoint that just
     /// failed) when another is available. `None` when every endpoint's breaker is open.
     pub fn pick(&self, avoid: Option<usize>) -> Option<usize> {
@@ -138,6 +158,21 @@ impl Service {
 }
 
 impl Snapshot {
+    /// Every target's live state: services, URL authorities and dispatch destinations.
+    pub fn targets(&self) -> serde_json::Value {
+        let services: serde_json::Map<String, serde_json::Value> = self
+            .services
+            .iter()
+            .map(|(name, s)| (name.to_string(), s.state()))
+            .collect();
+        serde_json::json!({
+            "policy_version": self.version,
+            "services": services,
+            "external": self.external.state(),
+            "dispatch": self.dispatch_targets.state(),
+        })
+    }
+
     /// Builds a snapshot; services whose policy is unchanged from `previous` keep their state (the same `Arc`).
     pub fn build(policy: &Policy, version: u64, previous: Option<&Snapshot>) -> Self {
         let services = policy

@@ -93,12 +93,22 @@ async fn three_failing_instances_of_ten_are_retried_around_and_ejected() {
         "services:\n  orders:\n    endpoints: [{}]\n",
         endpoints.join(", ")
     ));
-    let request =
-        b"GET /o HTTP/1.1\r\nhost: app\r\ntarget: orders\r\ninternal: true\r\n\r\n".to_vec();
-    let replies = paced_load(sidecar.addr, 8, None, Duration::from_secs(2), request).await;
+    let call = b"GET /o HTTP/1.1\r\nhost: app\r\ntarget: orders\r\ninternal: true\r\n\r\n".to_vec();
+    let replies = paced_load(sidecar.addr, 8, None, Duration::from_secs(2), call).await;
 
     let sent = replies.len();
     let ok = replies.iter().filter(|r| r.0 == 200).count();
+    let targets = request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json();
+    let endpoints = targets["services"]["orders"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(endpoints.len(), 10, "{targets}");
     let upstream_load: usize = upstreams.iter().map(|u| u.received().len()).sum();
     assert!(sent > 500, "the load ran: {sent} requests");
     assert!(ok as f64 >= 0.99 * sent as f64, "{ok} of {sent} succeeded");
@@ -202,6 +212,18 @@ async fn the_breaker_opens_probes_and_closes_when_the_upstream_recovers() {
         upstream.received().len(),
         5,
         "an open breaker sends nothing"
+    );
+    // Operators see it without reading logs.
+    let targets = request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json();
+    let authority = format!("{}", upstream.addr);
+    assert_eq!(
+        targets["external"][&authority]["breaker"]["state"], "open",
+        "{targets}"
     );
 
     // Half-open: one probe goes through and fails, so the breaker opens again, for longer.

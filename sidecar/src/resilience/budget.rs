@@ -79,6 +79,13 @@ impl RetryBudget {
         ring.requests[i] += 1;
     }
 
+    /// Requests and retries in the window now, for the admin state.
+    pub fn usage(&self) -> (u64, u64) {
+        let mut ring = self.ring();
+        ring.advance(self.slot, Instant::now());
+        (ring.requests.iter().sum(), ring.retries.iter().sum())
+    }
+
     /// Takes one retry from the budget, or says it is spent.
     pub fn try_withdraw(&self) -> bool {
         let mut ring = self.ring();

@@ -38,6 +38,30 @@ pub struct Target {
 }
 
 impl Target {
+    /// The live state, as `GET /admin/targets` shows it.
+    pub fn state(&self) -> serde_json::Value {
+        let breaker = self.breaker.as_ref().map(|b| {
+            serde_json::json!({
+                "state": b.state().as_str(),
+                "probes_in_ms": b.remaining_open().as_millis() as u64,
+            })
+        });
+        let concurrency = self
+            .concurrency
+            .as_ref()
+            .map(|c| serde_json::json!({ "in_flight": c.in_flight(), "queued": c.queued() }));
+        let budget = self.budget.as_ref().map(|b| {
+            let (requests, retries) = b.usage();
+            serde_json::json!({ "requests_in_window": requests, "retries_in_window": retries })
+        });
+        serde_json::json!({
+            "breaker": breaker,
+            "concurrency": concurrency,
+            "retry_budget": budget,
+            "rate_limit_keys": self.rate_limit.as_ref().map(RateLimit::keys),
+        })
+    }
+
     pub fn new(policy: &Resilience, scope: Scope) -> Self {
         let name: Arc<str> = Arc::from(scope.service.as_ref());
         Self {
@@ -103,6 +127,16 @@ impl Authorities {
         let target = Arc::new(Target::new(&self.policy, scope));
         map.insert(Box::from(authority), target.clone());
         target
+    }
+
+    /// Every authority's state, by authority.
+    pub fn state(&self) -> serde_json::Value {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let all: serde_json::Map<String, serde_json::Value> = map
+            .iter()
+            .map(|(authority, t)| (authority.to_string(), t.state()))
+            .collect();
+        serde_json::Value::Object(all)
     }
 
     /// Evicts idle rate-limit keys of every authority.
