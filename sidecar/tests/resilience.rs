@@ -110,6 +110,9 @@ async fn three_failing_instances_of_ten_are_retried_around_and_ejected() {
         .clone();
     assert_eq!(endpoints.len(), 10, "{targets}");
     let upstream_load: usize = upstreams.iter().map(|u| u.received().len()).sum();
+    eprintln!(
+        "30 % failing instances: {ok} of {sent} succeeded; the upstreams saw {upstream_load}"
+    );
     assert!(sent > 500, "the load ran: {sent} requests");
     assert!(ok as f64 >= 0.99 * sent as f64, "{ok} of {sent} succeeded");
     assert!(
@@ -151,6 +154,9 @@ async fn the_retry_budget_holds_against_an_upstream_that_always_fails() {
     let upstream_load = upstream.received().len();
     // 20 % of the requests plus a floor of 10 retries per second.
     let allowed = 1.2 * sent as f64 + 10.0 * ran;
+    eprintln!(
+        "always failing: {sent} requests in {ran:.2} s, the upstream saw {upstream_load} (allowed {allowed:.0})"
+    );
     assert!(sent >= 4500, "the load ran: {sent} requests");
     assert!(
         upstream_load as f64 <= allowed,
@@ -282,6 +288,7 @@ async fn the_rate_limit_is_one_limit_for_all_workers() {
     let admitted = replies.iter().filter(|r| r.0 == 200).count();
     let limited = replies.iter().filter(|r| r.0 == 429).count();
     let expected = 200.0 * 10.0 + 10.0;
+    eprintln!("rate limit 200/s over 10 s: admitted {admitted}, limited {limited}");
     assert!(
         (admitted as f64 - expected).abs() <= 0.05 * expected,
         "admitted {admitted}, expected {expected} ± 5 % ({limited} limited)"
