@@ -53,6 +53,8 @@ pub enum Cause {
     Overloaded,
     /// The caller is over the target's rate limit.
     RateLimited,
+    /// Every endpoint of the service is ejected.
+    NoHealthyEndpoint,
 }
 
 impl Cause {
@@ -64,7 +66,7 @@ impl Cause {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
             | UpstreamTls => StatusCode::BAD_GATEWAY,
-            UnknownService | NoEndpoints | CircuitOpen | Overloaded => {
+            UnknownService | NoEndpoints | CircuitOpen | Overloaded | NoHealthyEndpoint => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ConnectTimeout | RequestTimeout | TryTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -94,11 +96,12 @@ impl Cause {
             CircuitOpen => "circuit-open",
             Overloaded => "overloaded",
             RateLimited => "rate-limited",
+            NoHealthyEndpoint => "no-healthy-endpoint",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 18] = {
+    pub const ALL: [Cause; 19] = {
         use Cause::*;
         [
             MissingTarget,
@@ -119,6 +122,7 @@ impl Cause {
             CircuitOpen,
             Overloaded,
             RateLimited,
+            NoHealthyEndpoint,
         ]
     };
 }

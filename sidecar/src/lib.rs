@@ -10,6 +10,8 @@
 //! - [`policy`]: the policy files' model, validation, the seed dispatcher's `config.yaml` format, and the
 //!   policy store actor that reloads them live ([`policy::store`]).
 //! - [`snapshot`]: the coherent, atomically swapped view of the policy that the request path reads.
+//! - [`balance`]: load balancing over a service's endpoints (P2C peak-EWMA, least request, round robin,
+//!   consistent hashing with bounded loads).
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
@@ -22,6 +24,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod dispatch;
 pub mod error;
 pub mod policy;

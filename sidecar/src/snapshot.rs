@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,10 +15,13 @@ use arc_swap::ArcSwap;
 use metrics::SharedString;
 
 use crate::access_log::AccessLogPolicy;
+use crate::balance::{Clock, Load, Ring, load_bound};
 use crate::dispatch::target::Upstream;
+use crate::policy::resilience::BalancerKind;
 use crate::policy::{DispatchRules, Policy, ServicePolicy};
-use crate::resilience::breaker::Breaker;
+use crate::resilience::breaker::{Breaker, Ejections};
 use crate::resilience::monitor::{Kind, Scope};
+use crate::resilience::retry::random_below;
 use crate::resilience::{Authorities, Target};
 
 /// The cell the request path reads and the control plane swaps.
@@ -51,25 +54,64 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// Retries, breaker and limits of the service as a whole.
     pub target: Arc<Target>,
+    /// The cap on endpoints ejected at once, shared by the endpoints' breakers.
+    pub ejections: Option<Arc<Ejections>>,
     /// Round-robin position: carried over by reusing the whole `Arc<Service>`.
     next: AtomicUsize,
+    /// Requests in flight over all endpoints (consistent hashing's bound).
+    in_flight: AtomicU64,
+    ring: Option<Ring>,
+    clock: Clock,
 }
 
-/// One endpoint of a service, with its own breaker when the service has more than one endpoint (so a failing
-/// instance is skipped while the others serve).
+/// One endpoint of a service, with its own breaker (passive outlier ejection) when the service has more than
+/// one endpoint, and its load for the balancer.
 #[derive(Debug)]
 pub struct Endpoint {
     pub upstream: Upstream,
     pub breaker: Option<Arc<Breaker>>,
     /// `host:port`, for logs and metrics.
     pub label: SharedString,
+    pub load: Load,
+}
+
+/// An attempt in flight to one endpoint: counted in its load until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    service: Arc<Service>,
+    index: usize,
+    started: std::time::Instant,
+}
+
+impl InFlight {
+    /// Records the attempt's response time in the endpoint's latency estimate.
+    pub fn observe(&self) {
+        let s = &self.service;
+        s.endpoints[self.index].load.observe(
+            self.started.elapsed(),
+            s.clock.now_ns(),
+            s.policy.resilience.balancer.decay,
+        );
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.service.endpoints[self.index].load.end();
+        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Service {
     fn new(name: &str, policy: &ServicePolicy) -> Self {
         let name: Arc<str> = Arc::from(name);
         let label = SharedString::from(name.clone());
+        let resilience = &policy.resilience;
         let several = policy.endpoints.len() > 1;
+        let ejections = resilience
+            .outliers
+            .filter(|_| several)
+            .map(|o| Ejections::new(o.max_ejected.unwrap_or(1.0), policy.endpoints.len()));
         let endpoints = policy
             .endpoints
             .iter()
@@ -82,26 +124,32 @@ impl Service {
                 };
                 Endpoint {
                     upstream: upstream.clone(),
-                    breaker: policy
-                        .resilience
-                        .breaker
+                    breaker: resilience
+                        .outliers
                         .filter(|_| several)
-                        .map(|p| Breaker::new(p, scope)),
+                        .map(|p| Breaker::with_ejections(p, scope, ejections.clone())),
                     label: SharedString::from(authority),
+                    load: Load::default(),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let ring = (resilience.balancer.kind == BalancerKind::ConsistentHash)
+            .then(|| Ring::new(endpoints.iter().map(|e| e.label.as_ref())));
         let scope = Scope {
             service: label,
             endpoint: None,
             kind: Kind::Service,
         };
         Self {
-            target: Arc::new(Target::new(&policy.resilience, scope)),
+            target: Arc::new(Target::new(resilience, scope)),
             name,
             policy: policy.clone(),
             endpoints,
+            ejections,
             next: AtomicUsize::new(0),
+            in_flight: AtomicU64::new(0),
+            ring,
+            clock: Clock::default(),
         }
     }
 
@@ -111,6 +159,7 @@ impl Service {
 
     /// The live state of the service and its endpoints, as `GET /admin/targets` shows it.
     pub fn state(&self) -> serde_json::Value {
+        let (now, decay) = (self.clock.now_ns(), self.policy.resilience.balancer.decay);
         let endpoints: Vec<serde_json::Value> = self
             .endpoints
             .iter()
@@ -119,41 +168,107 @@ impl Service {
                     "address": e.label.as_ref(),
                     "breaker": e.breaker.as_ref().map(|b| b.state().as_str()),
                     "available": e.breaker.as_ref().is_none_or(|b| b.is_available()),
+                    "in_flight": e.load.in_flight(),
+                    "latency_ewma_ms": (e.load.latency_ns(now, decay) / 1e6 * 1000.0).round() / 1000.0,
                 })
             })
             .collect();
         let mut state = self.target.state();
         if let Some(object) = state.as_object_mut() {
             object.insert("endpoints".into(), endpoints.into());
+            object.insert(
+                "ejected".into(),
+                self.ejections.as_ref().map_or(0, |e| e.ejected()).into(),
+            );
         }
         state
     }
 
-    /// The next endpoint in turn whose breaker admits requests, skipping `avoid` (the endpoint that just
-    /// failed) when another is available. `None` when every endpoint's breaker is open.
-    pub fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+    fn available(&self, index: usize) -> bool {
+        self.endpoints[index]
+            .breaker
+            .as_ref()
+            .is_none_or(|b| b.is_available())
+    }
+
+    /// Chooses the endpoint for an attempt with the service's balancer, among the endpoints not ejected,
+    /// avoiding `avoid` (the endpoint that just failed) when another is available. `key` is the request's
+    /// hash for consistent hashing. `None` when no endpoint is available.
+    pub fn pick(&self, avoid: Option<usize>, key: Option<u64>) -> Option<usize> {
         let n = self.endpoints.len();
         if n <= 1 {
             return (n == 1).then_some(0);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut fallback = None;
-        for i in 0..n {
-            let index = (start + i) % n;
-            let available = self.endpoints[index]
-                .breaker
-                .as_ref()
-                .is_none_or(|b| b.is_available());
-            if !available {
-                continue;
+        let eligible = |i: usize| Some(i) != avoid && self.available(i);
+        let balancer = &self.policy.resilience.balancer;
+        let chosen = match balancer.kind {
+            BalancerKind::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|i| (start + i) % n).find(|&i| eligible(i))
             }
-            if Some(index) == avoid {
-                fallback = Some(index);
-                continue;
+            BalancerKind::P2cEwma => {
+                let now = self.clock.now_ns();
+                self.two_choices(&eligible, |i| {
+                    self.endpoints[i].load.cost(now, balancer.decay)
+                })
             }
-            return Some(index);
+            BalancerKind::LeastRequest => {
+                self.two_choices(&eligible, |i| f64::from(self.endpoints[i].load.in_flight()))
+            }
+            BalancerKind::ConsistentHash => {
+                let bound = load_bound(
+                    self.in_flight.load(Ordering::Relaxed),
+                    n,
+                    balancer.hash_balance_factor,
+                );
+                let key = key.unwrap_or(0);
+                self.ring.as_ref().and_then(|ring| {
+                    ring.walk(key, |i| {
+                        eligible(i) && u64::from(self.endpoints[i].load.in_flight()) < bound
+                    })
+                    .or_else(|| ring.walk(key, eligible))
+                })
+            }
+        };
+        // The endpoint that just failed is still better than none.
+        chosen.or_else(|| avoid.filter(|&i| self.available(i)))
+    }
+
+    /// Power of two choices: two distinct endpoints at random, the cheaper one.
+    fn two_choices(
+        &self,
+        eligible: &impl Fn(usize) -> bool,
+        cost: impl Fn(usize) -> f64,
+    ) -> Option<usize> {
+        let n = self.endpoints.len() as u64;
+        for _ in 0..4 {
+            let a = random_below(n) as usize;
+            let mut b = random_below(n - 1) as usize;
+            if b >= a {
+                b += 1;
+            }
+            match (eligible(a), eligible(b)) {
+                (true, true) => return Some(if cost(a) <= cost(b) { a } else { b }),
+                (true, false) => return Some(a),
+                (false, true) => return Some(b),
+                (false, false) => {}
+            }
         }
-        fallback
+        // Most endpoints are out: the cheapest of those left.
+        (0..self.endpoints.len())
+            .filter(|&i| eligible(i))
+            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+    }
+
+    /// Counts an attempt to endpoint `index` in its load until the returned guard drops.
+    pub fn begin(self: &Arc<Self>, index: usize) -> InFlight {
+        self.endpoints[index].load.begin();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            service: self.clone(),
+            index,
+            started: std::time::Instant::now(),
+        }
     }
 }
 

@@ -31,14 +31,16 @@ use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_re
 use super::route::{Dest, route};
 use super::target::Upstream;
 use crate::access_log::{Record, Sampler};
+use crate::balance::stable_hash;
 use crate::error::{Cause, ProxyError};
 use crate::policy::resilience::Retries;
+use crate::policy::resilience::{BalancerKind, HashKey};
 use crate::resilience::Target;
 use crate::resilience::breaker::{Admit, Breaker, Ticket};
 use crate::resilience::limits::Overload;
 use crate::resilience::monitor;
 use crate::resilience::retry::{Attempt, backoff, idempotent, retry_after};
-use crate::snapshot::{Service, SharedSnapshot};
+use crate::snapshot::{InFlight, Service, SharedSnapshot};
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use metrics::SharedString;
 
@@ -196,7 +198,25 @@ impl Forwarder {
             {
                 append_forwarded_for(&mut headers, peer.ip());
             }
+            let hash = match &upstreams {
+                Upstreams::Service(s)
+                    if s.policy.resilience.balancer.kind == BalancerKind::ConsistentHash =>
+                {
+                    Some(match &s.policy.resilience.balancer.hash_key {
+                        HashKey::Header(name) => head
+                            .headers
+                            .get(name)
+                            .map_or(0, |v| stable_hash(v.as_bytes())),
+                        HashKey::Source => peer.map_or(0, |p| match p.ip() {
+                            std::net::IpAddr::V4(ip) => stable_hash(&ip.octets()),
+                            std::net::IpAddr::V6(ip) => stable_hash(&ip.octets()),
+                        }),
+                    })
+                }
+                _ => None,
+            };
             let plan = Plan {
+                hash,
                 host_patched: route.patch.iter().any(|(name, _)| name == HOST),
                 upstreams,
                 target,
@@ -260,7 +280,12 @@ impl Forwarder {
         let mut headers = Some(headers);
         let mut avoid = None;
         loop {
-            let (index, upstream, endpoint_ticket) = plan.choose(avoid)?;
+            let Chosen {
+                index,
+                upstream,
+                ticket: endpoint_ticket,
+                load,
+            } = plan.choose(avoid)?;
             let frozen = match request.take() {
                 Some((i, frozen)) if i == index => frozen,
                 previous => {
@@ -326,6 +351,9 @@ impl Forwarder {
             };
             if let Some(t) = endpoint_ticket {
                 t.record(attempt.is_failure());
+            }
+            if let Some(load) = load {
+                load.observe();
             }
 
             let decision = self.decide(&plan, &method, &body, attempt, &result, labels.attempts);
@@ -429,6 +457,8 @@ struct Plan {
     timeout: Duration,
     /// Dispatch rules set `Host` themselves: keep theirs.
     host_patched: bool,
+    /// The request's consistent-hashing key.
+    hash: Option<u64>,
 }
 
 enum Upstreams {
@@ -447,12 +477,16 @@ impl Upstreams {
 
 impl Plan {
     /// The upstream for the next attempt, with the endpoint breaker's admission when it has one.
-    fn choose(
-        &self,
-        avoid: Option<usize>,
-    ) -> Result<(usize, &Upstream, Option<Ticket>), ProxyError> {
+    fn choose(&self, avoid: Option<usize>) -> Result<Chosen<'_>, ProxyError> {
         let service = match &self.upstreams {
-            Upstreams::One(u) => return Ok((0, u, None)),
+            Upstreams::One(u) => {
+                return Ok(Chosen {
+                    index: 0,
+                    upstream: u,
+                    ticket: None,
+                    load: None,
+                });
+            }
             Upstreams::Service(s) => s,
         };
         let refused = |service: &Service| {
@@ -463,21 +497,36 @@ impl Plan {
                 .min()
                 .unwrap_or_default();
             ProxyError::new(
-                Cause::CircuitOpen,
+                Cause::NoHealthyEndpoint,
                 service.name.to_string(),
-                "every endpoint's circuit breaker is open",
+                "every endpoint of the service is ejected after failures",
             )
             .retry_after(wait)
         };
-        let index = service.pick(avoid).ok_or_else(|| refused(service))?;
+        let index = service
+            .pick(avoid, self.hash)
+            .ok_or_else(|| refused(service))?;
         let endpoint = &service.endpoints[index];
         let ticket = match endpoint.breaker.as_ref().map(Breaker::admit) {
             None => None,
             Some(Admit::Pass(t)) => Some(t),
             Some(Admit::Refuse(_)) => return Err(refused(service)),
         };
-        Ok((index, &endpoint.upstream, ticket))
+        Ok(Chosen {
+            index,
+            upstream: &endpoint.upstream,
+            ticket,
+            load: Some(service.begin(index)),
+        })
     }
+}
+
+/// The endpoint of one attempt: its breaker admission and its load count.
+struct Chosen<'a> {
+    index: usize,
+    upstream: &'a Upstream,
+    ticket: Option<Ticket>,
+    load: Option<InFlight>,
 }
 
 enum Decision {

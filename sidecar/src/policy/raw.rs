@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::resilience::{RawBreaker, RawConcurrency, RawRateLimit, RawResilience, RawRetries};
+use super::resilience::{
+    RawBalancer, RawBreaker, RawConcurrency, RawOutliers, RawRateLimit, RawResilience, RawRetries,
+};
 use super::seed::RawDispatch;
 use super::{Issue, Listeners, Policy, ServicePolicy, Timeouts, UpstreamSettings, duration, units};
 use crate::access_log::AccessLogPolicy;
@@ -81,6 +83,8 @@ struct RawDefaults {
     circuit_breaker: Option<RawBreaker>,
     concurrency: Option<RawConcurrency>,
     rate_limit: Option<RawRateLimit>,
+    load_balancer: Option<RawBalancer>,
+    outlier_detection: Option<RawOutliers>,
 }
 
 impl RawDefaults {
@@ -91,6 +95,8 @@ impl RawDefaults {
             circuit_breaker: self.circuit_breaker.clone(),
             concurrency: self.concurrency.clone(),
             rate_limit: self.rate_limit.clone(),
+            load_balancer: self.load_balancer.clone(),
+            outlier_detection: self.outlier_detection.clone(),
         }
     }
 }
@@ -125,6 +131,8 @@ struct RawService {
     circuit_breaker: Option<RawBreaker>,
     concurrency: Option<RawConcurrency>,
     rate_limit: Option<RawRateLimit>,
+    load_balancer: Option<RawBalancer>,
+    outlier_detection: Option<RawOutliers>,
 }
 
 impl RawService {
@@ -135,6 +143,8 @@ impl RawService {
             circuit_breaker: self.circuit_breaker.clone(),
             concurrency: self.concurrency.clone(),
             rate_limit: self.rate_limit.clone(),
+            load_balancer: self.load_balancer.clone(),
+            outlier_detection: self.outlier_detection.clone(),
         }
     }
 }

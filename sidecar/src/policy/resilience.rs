@@ -33,6 +33,9 @@ const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 const DEFAULT_QUEUE: usize = 1024;
 const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_KEYS: usize = 10_000;
+const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+const DEFAULT_HASH_BALANCE_FACTOR: f64 = 1.25;
+const DEFAULT_MAX_EJECTION: f64 = 0.5;
 
 /// Copies each field the top layer leaves unset from the base layer.
 macro_rules! overlay {
@@ -49,6 +52,30 @@ pub(super) struct RawResilience {
     pub circuit_breaker: Option<RawBreaker>,
     pub concurrency: Option<RawConcurrency>,
     pub rate_limit: Option<RawRateLimit>,
+    pub load_balancer: Option<RawBalancer>,
+    pub outlier_detection: Option<RawOutliers>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBalancer {
+    policy: Option<String>,
+    hash_key: Option<String>,
+    hash_balance_factor: Option<f64>,
+    #[serde(default, with = "duration::serde_opt")]
+    decay: Option<Duration>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutliers {
+    enabled: Option<bool>,
+    consecutive_failures: Option<u32>,
+    #[serde(default, with = "duration::serde_opt")]
+    base_ejection_time: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    max_ejection_time: Option<Duration>,
+    max_ejection_percent: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -163,6 +190,16 @@ impl RawResilience {
         self.rate_limit = layer(self.rate_limit, base.rate_limit.as_ref(), |t, b| {
             overlay!(t, b; enabled, rate, burst, key, max_keys);
         });
+        self.load_balancer = layer(self.load_balancer, base.load_balancer.as_ref(), |t, b| {
+            overlay!(t, b; policy, hash_key, hash_balance_factor, decay);
+        });
+        self.outlier_detection = layer(
+            self.outlier_detection,
+            base.outlier_detection.as_ref(),
+            |t, b| {
+                overlay!(t, b; enabled, consecutive_failures, base_ejection_time, max_ejection_time, max_ejection_percent);
+            },
+        );
         self
     }
 
@@ -173,6 +210,8 @@ impl RawResilience {
             || self.circuit_breaker.is_some()
             || self.concurrency.is_some()
             || self.rate_limit.is_some()
+            || self.load_balancer.is_some()
+            || self.outlier_detection.is_some()
     }
 
     /// Checks every field and fills in the built-in defaults. `at` is the field path prefix (`defaults` or
@@ -188,14 +227,128 @@ impl RawResilience {
         let breaker = validate_breaker(self.circuit_breaker.as_ref(), &mut issue);
         let concurrency = validate_concurrency(self.concurrency.as_ref(), &mut issue);
         let rate_limit = validate_rate_limit(self.rate_limit.as_ref(), &mut issue);
+        let balancer = validate_balancer(self.load_balancer.as_ref(), &mut issue);
+        let outliers = validate_outliers(self.outlier_detection.as_ref(), &mut issue);
         Resilience {
             per_try: self.per_try,
             retries,
             breaker,
             concurrency,
             rate_limit,
+            balancer,
+            outliers,
         }
     }
+}
+
+fn validate_balancer(raw: Option<&RawBalancer>, issue: &mut impl FnMut(&str, String)) -> Balancer {
+    let empty = RawBalancer::default();
+    let raw = raw.unwrap_or(&empty);
+    let decay = raw.decay.unwrap_or(DEFAULT_EWMA_DECAY);
+    if decay.is_zero() {
+        issue("load_balancer.decay", "must be more than 0, got 0".into());
+    }
+    let factor = raw
+        .hash_balance_factor
+        .unwrap_or(DEFAULT_HASH_BALANCE_FACTOR);
+    if factor.is_nan() || factor < 1.0 {
+        issue(
+            "load_balancer.hash_balance_factor",
+            format!("must be at least 1.0 (1.25 allows 25 % over the average), got {factor}"),
+        );
+    }
+    let key = match raw.hash_key.as_deref().map(str::trim) {
+        None | Some("source") => HashKey::Source,
+        Some(other) => match other
+            .strip_prefix("header:")
+            .map(str::trim)
+            .map(HeaderName::try_from)
+        {
+            Some(Ok(name)) => HashKey::Header(name),
+            _ => {
+                issue(
+                    "load_balancer.hash_key",
+                    format!("must be `source` or `header:<name>`, got {other:?}"),
+                );
+                HashKey::Source
+            }
+        },
+    };
+    let kind = match raw.policy.as_deref().map(str::trim) {
+        None | Some("p2c_ewma") => BalancerKind::P2cEwma,
+        Some("round_robin") => BalancerKind::RoundRobin,
+        Some("least_request") => BalancerKind::LeastRequest,
+        Some("consistent_hash") => BalancerKind::ConsistentHash,
+        Some(other) => {
+            issue(
+                "load_balancer.policy",
+                format!(
+                    "must be p2c_ewma, round_robin, least_request or consistent_hash, got {other:?}"
+                ),
+            );
+            BalancerKind::P2cEwma
+        }
+    };
+    Balancer {
+        kind,
+        hash_key: key,
+        hash_balance_factor: factor.max(1.0),
+        decay: decay.max(Duration::from_millis(1)),
+    }
+}
+
+fn validate_outliers(
+    raw: Option<&RawOutliers>,
+    issue: &mut impl FnMut(&str, String),
+) -> Option<BreakerPolicy> {
+    let empty = RawOutliers::default();
+    let raw = raw.unwrap_or(&empty);
+    if raw.enabled == Some(false) {
+        return None;
+    }
+    let consecutive_failures = raw
+        .consecutive_failures
+        .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES);
+    if consecutive_failures == 0 {
+        issue(
+            "outlier_detection.consecutive_failures",
+            "must be at least 1, got 0 (use `enabled: false` to turn ejection off)".into(),
+        );
+    }
+    let base = raw.base_ejection_time.unwrap_or(DEFAULT_OPEN_BASE);
+    let max = raw.max_ejection_time.unwrap_or(DEFAULT_OPEN_MAX.max(base));
+    if base.is_zero() {
+        issue(
+            "outlier_detection.base_ejection_time",
+            "must be more than 0, got 0".into(),
+        );
+    }
+    if max < base {
+        issue(
+            "outlier_detection.max_ejection_time",
+            format!("must be at least base_ejection_time ({base:?}), got {max:?}"),
+        );
+    }
+    let share = match raw
+        .max_ejection_percent
+        .as_deref()
+        .map(units::Percent::parse)
+    {
+        None => DEFAULT_MAX_EJECTION,
+        Some(Ok(p)) => p.fraction(),
+        Some(Err(why)) => {
+            issue("outlier_detection.max_ejection_percent", why);
+            DEFAULT_MAX_EJECTION
+        }
+    };
+    Some(BreakerPolicy {
+        consecutive_failures: consecutive_failures.max(1),
+        failure_rate: None,
+        open_base: base,
+        open_max: max,
+        half_open_probes: 1,
+        max_ejected: Some(share),
+    })
 }
 
 /// Overlays an optional section on an optional base section.
@@ -374,6 +527,7 @@ fn validate_breaker(
         open_base,
         open_max,
         half_open_probes,
+        max_ejected: None,
     })
 }
 
@@ -498,6 +652,38 @@ pub struct Resilience {
     pub breaker: Option<BreakerPolicy>,
     pub concurrency: Option<ConcurrencyPolicy>,
     pub rate_limit: Option<RateLimitPolicy>,
+    /// How a service's endpoints are chosen.
+    pub balancer: Balancer,
+    /// Passive outlier ejection of a service's endpoints (each endpoint's breaker).
+    pub outliers: Option<BreakerPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balancer {
+    pub kind: BalancerKind,
+    pub hash_key: HashKey,
+    /// Consistent hashing with bounded loads: no endpoint takes more than this × the average load.
+    pub hash_balance_factor: f64,
+    /// Peak-EWMA: how fast a latency estimate forgets.
+    pub decay: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalancerKind {
+    /// Power of two choices over peak-EWMA latency × requests in flight (Linkerd's default).
+    P2cEwma,
+    RoundRobin,
+    /// Power of two choices over requests in flight (Envoy's least_request).
+    LeastRequest,
+    /// Consistent hashing on a key, with bounded loads.
+    ConsistentHash,
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Source,
+    Header(HeaderName),
 }
 
 impl Default for Resilience {
@@ -615,6 +801,8 @@ pub struct BreakerPolicy {
     pub open_max: Duration,
     /// Requests admitted at once while half-open.
     pub half_open_probes: u32,
+    /// For endpoint ejection: the largest share of a service's endpoints ejected at once.
+    pub max_ejected: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

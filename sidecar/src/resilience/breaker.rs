@@ -50,6 +50,8 @@ impl State {
 #[derive(Debug)]
 pub struct Breaker {
     policy: BreakerPolicy,
+    /// For endpoint breakers: the service's cap on endpoints ejected at once.
+    ejections: Option<Arc<Ejections>>,
     /// False while closed: the request path admits with one atomic load.
     tripped: AtomicBool,
     shared: Mutex<Shared>,
@@ -104,10 +106,56 @@ impl Drop for Ticket {
     }
 }
 
+/// How many of a service's endpoints may be ejected at once, and how many are.
+#[derive(Debug)]
+pub struct Ejections {
+    limit: usize,
+    ejected: std::sync::atomic::AtomicUsize,
+}
+
+impl Ejections {
+    /// `share` of `endpoints`, but at least one (as Envoy's `max_ejection_percent`).
+    pub fn new(share: f64, endpoints: usize) -> Arc<Self> {
+        let limit = ((share * endpoints as f64).floor() as usize).max(1);
+        Arc::new(Self {
+            limit,
+            ejected: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn try_take(&self) -> bool {
+        self.ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        let _ = self
+            .ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    pub fn ejected(&self) -> usize {
+        self.ejected.load(Ordering::Relaxed)
+    }
+}
+
 impl Breaker {
     pub fn new(policy: BreakerPolicy, scope: Scope) -> Arc<Self> {
+        Self::with_ejections(policy, scope, None)
+    }
+
+    /// An endpoint's breaker, opening only while the service's ejection cap allows.
+    pub fn with_ejections(
+        policy: BreakerPolicy,
+        scope: Scope,
+        ejections: Option<Arc<Ejections>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy,
+            ejections,
             tripped: AtomicBool::new(false),
             shared: Mutex::new(Shared {
                 state: Phase::Closed,
@@ -192,11 +240,20 @@ impl Breaker {
                 shared.accrual.record_success();
                 None
             }
-            (Phase::Closed, _, true) => shared.accrual.mark_dead_on_failure().map(|open| {
-                self.open(&mut shared, open);
-                State::Open
-            }),
+            (Phase::Closed, _, true) => shared
+                .accrual
+                .mark_dead_on_failure()
+                // Past the ejection cap the endpoint stays in rotation: better a failing endpoint than too
+                // few to carry the load.
+                .filter(|_| self.ejections.as_ref().is_none_or(|e| e.try_take()))
+                .map(|open| {
+                    self.open(&mut shared, open);
+                    State::Open
+                }),
             (Phase::HalfOpen { .. }, true, false) => {
+                if let Some(e) = &self.ejections {
+                    e.give_back();
+                }
                 shared.accrual.revived();
                 shared.last_open = self.policy.open_base;
                 shared.state = Phase::Closed;
@@ -328,6 +385,7 @@ mod tests {
                 open_base: Duration::from_millis(40),
                 open_max: Duration::from_millis(100),
                 half_open_probes: probes,
+                max_ejected: None,
             },
             Scope::detached(),
         )

@@ -108,7 +108,7 @@ fn seed() -> u64 {
 }
 
 /// A uniform number in [0, bound): xorshift64*, plenty for jitter.
-fn random_below(bound: u64) -> u64 {
+pub fn random_below(bound: u64) -> u64 {
     if bound <= 1 {
         return 0;
     }

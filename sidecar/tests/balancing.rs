@@ -1,0 +1,256 @@
+//! Load balancing and outlier ejection stories: several fake instances of one service, the real sidecar, a
+//! real client.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{Conn, RawUpstream, Sidecar, get, request, response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An instance that answers every request `200 ok` after `delay`, counting them.
+struct Delayed {
+    addr: SocketAddr,
+    served: Arc<AtomicUsize>,
+}
+
+async fn delayed(delay: Duration) -> Delayed {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Requests carry no body here: a head ends with an empty line.
+                    while let Some(end) = support::find(&buf, b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        tokio::time::sleep(delay).await;
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Delayed { addr, served }
+}
+
+const CALL: &[u8] = b"GET / HTTP/1.1\r\nhost: app\r\ntarget: orders\r\ninternal: true\r\n\r\n";
+
+async fn targets(sidecar: &Sidecar) -> serde_json::Value {
+    request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json()
+}
+
+#[actix_rt::test]
+async fn p2c_ewma_sends_little_to_an_instance_ten_times_slower() {
+    let fast_a = delayed(Duration::from_millis(2)).await;
+    let fast_b = delayed(Duration::from_millis(2)).await;
+    let slow = delayed(Duration::from_millis(20)).await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}', '{}']\n",
+        fast_a.addr, fast_b.addr, slow.addr
+    ));
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let addr = sidecar.addr;
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            while Instant::now() < end {
+                conn.send(CALL).await;
+                assert_eq!(conn.read(false).await.status, 200);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let counts = [&fast_a, &fast_b, &slow].map(|d| d.served.load(Ordering::SeqCst));
+    let total: usize = counts.iter().sum();
+    let share = counts[2] as f64 / total as f64;
+    eprintln!(
+        "p2c-ewma: fast {} and {}, slow {} ({:.1} %)",
+        counts[0],
+        counts[1],
+        counts[2],
+        share * 100.0
+    );
+    assert!(total > 500, "the load ran: {total}");
+    assert!(share < 0.10, "the slow instance got {:.1} %", share * 100.0);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_failing_instance_is_ejected_then_readmitted_when_it_recovers() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let flaky = RawUpstream::start(move |_| {
+        if h.load(Ordering::SeqCst) {
+            response(200, &[("content-length", "2")], b"ok")
+        } else {
+            response(503, &[("content-length", "4")], b"down")
+        }
+    })
+    .await;
+    let (a, b) = (RawUpstream::ok().await, RawUpstream::ok().await);
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}', '{}']\n    load_balancer:\n      policy: round_robin\n    outlier_detection:\n      consecutive_failures: 3\n      base_ejection_time: 1s\n",
+        a.addr, b.addr, flaky.addr
+    ));
+    // Clients see no errors: the first failures are retried on another instance, then it is ejected.
+    for _ in 0..100 {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(
+        flaky.received().len(),
+        3,
+        "ejected after exactly 3 failures"
+    );
+    let state = targets(&sidecar).await;
+    assert_eq!(state["services"]["orders"]["ejected"], 1, "{state}");
+
+    // It recovers: once its ejection time is over, a request probes it, and it serves again.
+    healthy.store(true, Ordering::SeqCst);
+    while flaky.received().len() == 3 {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    let before = flaky.received().len();
+    for _ in 0..30 {
+        get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+    }
+    assert!(
+        flaky.received().len() >= before + 9,
+        "readmitted to its share"
+    );
+    assert_eq!(targets(&sidecar).await["services"]["orders"]["ejected"], 0);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn never_more_than_the_allowed_share_is_ejected() {
+    let down = || RawUpstream::start(|_| response(503, &[("content-length", "0")], b""));
+    let (x, y, ok) = (down().await, down().await, RawUpstream::ok().await);
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}', '{}']\n    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
+        x.addr, y.addr, ok.addr
+    ));
+    for _ in 0..50 {
+        get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+    }
+    // 50 % of 3 endpoints: one may be ejected; the other failing one stays in rotation.
+    let state = targets(&sidecar).await;
+    assert_eq!(state["services"]["orders"]["ejected"], 1, "{state}");
+    assert!(x.received().len() > 1 || y.received().len() > 1);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn with_every_endpoint_ejected_the_answer_is_no_healthy_endpoint() {
+    let down = || RawUpstream::start(|_| response(503, &[("content-length", "0")], b""));
+    let (x, y) = (down().await, down().await);
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}']\n    retries:\n      max_retries: 0\n    circuit_breaker:\n      enabled: false\n    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n      max_ejection_percent: 100%\n",
+        x.addr, y.addr
+    ));
+    let mut last = None;
+    for _ in 0..5 {
+        last = Some(
+            get(
+                sidecar.addr,
+                "/",
+                &[("target", "orders"), ("internal", "true")],
+            )
+            .await,
+        );
+    }
+    let reply = last.unwrap();
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("x-sidecar-error"), Some("no-healthy-endpoint"));
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(x.received().len() + y.received().len(), 2);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn consistent_hashing_keeps_a_key_on_one_instance() {
+    let instances = [
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+    ];
+    let endpoints: Vec<String> = instances.iter().map(|u| format!("'{}'", u.addr)).collect();
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  carts:\n    endpoints: [{}]\n    load_balancer:\n      policy: consistent_hash\n      hash_key: 'header:x-user'\n",
+        endpoints.join(", ")
+    ));
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        let before: Vec<usize> = instances.iter().map(|u| u.received().len()).collect();
+        for _ in 0..10 {
+            let reply = get(
+                sidecar.addr,
+                "/",
+                &[("target", "carts"), ("internal", "true"), ("x-user", user)],
+            )
+            .await;
+            assert_eq!(reply.status, 200);
+        }
+        let grew: Vec<usize> = instances
+            .iter()
+            .zip(&before)
+            .map(|(u, b)| u.received().len() - b)
+            .filter(|&n| n > 0)
+            .collect();
+        assert_eq!(grew, [10], "{user}'s requests all went to one instance");
+    }
+    sidecar.stop().await;
+}
