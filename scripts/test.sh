@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The whole test suite. The tests run real programs where the product meets them (a Prometheus server and
-# promtool scrape and check the metrics), so this installs the ones the machine lacks, runs every test, and
-# prints a total.
+# promtool scrape and check the metrics, dnsmasq answers DNS), so this installs the ones the machine lacks,
+# runs every test, and prints a total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-    echo "installing prometheus (Debian's package: the server and promtool) for the metrics tests" >&2
+# Debian packages the tests run: prometheus (server and promtool: the metrics tests) and dnsmasq-base (a real
+# DNS server on loopback: the discovery tests).
+packages=()
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then packages+=(prometheus); fi
+if ! command -v dnsmasq >/dev/null && [[ ! -x /usr/sbin/dnsmasq ]]; then packages+=(dnsmasq-base); fi
+if ((${#packages[@]})); then
+    echo "installing ${packages[*]} for the tests" >&2
     sudo=()
     if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
     export DEBIAN_FRONTEND=noninteractive
     # A fresh machine may have empty package lists: update only when the plain install fails.
-    if ! "${sudo[@]}" apt-get install -y --no-install-recommends prometheus; then
+    if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${packages[@]}"; then
         "${sudo[@]}" apt-get update
-        "${sudo[@]}" apt-get install -y --no-install-recommends prometheus
+        "${sudo[@]}" apt-get install -y --no-install-recommends "${packages[@]}"
     fi
 fi
 

@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the coherent, atomically swapped view of the policy that the request path reads.
 //! - [`balance`]: load balancing over a service's endpoints (P2C peak-EWMA, least request, round robin,
 //!   consistent hashing with bounded loads).
+//! - [`discovery`]: the actor that keeps services' endpoints current from DNS (A/AAAA, SRV) or a hosts file.
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
@@ -25,6 +26,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod policy;

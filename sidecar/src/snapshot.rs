@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub external: Arc<Authorities>,
     /// Resilience state of dispatch destinations, per authority.
     pub dispatch_targets: Arc<Authorities>,
+    /// DNS servers for discovery; empty: the system's.
+    pub nameservers: Vec<std::net::SocketAddr>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -51,15 +53,15 @@ pub struct Service {
     /// Shared with the metrics labels of its requests.
     pub name: Arc<str>,
     pub policy: ServicePolicy,
-    pub endpoints: Vec<Endpoint>,
+    /// Shared with the next version of the service when discovery changes the set, so an endpoint that stays
+    /// keeps its load, latency estimate and ejection.
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// Retries, breaker and limits of the service as a whole.
     pub target: Arc<Target>,
     /// The cap on endpoints ejected at once, shared by the endpoints' breakers.
     pub ejections: Option<Arc<Ejections>>,
     /// Round-robin position: carried over by reusing the whole `Arc<Service>`.
     next: AtomicUsize,
-    /// Requests in flight over all endpoints (consistent hashing's bound).
-    in_flight: AtomicU64,
     ring: Option<Ring>,
     clock: Clock,
 }
@@ -98,7 +100,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.service.endpoints[self.index].load.end();
-        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -106,51 +107,88 @@ impl Service {
     fn new(name: &str, policy: &ServicePolicy) -> Self {
         let name: Arc<str> = Arc::from(name);
         let label = SharedString::from(name.clone());
-        let resilience = &policy.resilience;
-        let several = policy.endpoints.len() > 1;
-        let ejections = resilience
+        let scope = Scope {
+            service: label,
+            endpoint: None,
+            kind: Kind::Service,
+        };
+        let ejections = policy
+            .resilience
             .outliers
-            .filter(|_| several)
             .map(|o| Ejections::new(o.max_ejected.unwrap_or(1.0), policy.endpoints.len()));
-        let endpoints = policy
+        let mut service = Self {
+            target: Arc::new(Target::new(&policy.resilience, scope)),
+            name,
+            policy: policy.clone(),
+            endpoints: Vec::new(),
+            ejections,
+            next: AtomicUsize::new(0),
+            ring: None,
+            clock: Clock::default(),
+        };
+        service.set_endpoints(&policy.endpoints, &[]);
+        service
+    }
+
+    /// This service with another set of endpoints (from discovery): endpoints in both keep their state, the
+    /// service keeps its breaker, budget and limits.
+    pub fn with_endpoints(&self, upstreams: &[Upstream]) -> Self {
+        let mut next = Self {
+            name: self.name.clone(),
+            policy: self.policy.clone(),
+            endpoints: Vec::new(),
+            target: self.target.clone(),
+            ejections: self.ejections.clone(),
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+            ring: None,
+            clock: self.clock,
+        };
+        next.set_endpoints(upstreams, &self.endpoints);
+        for gone in self
             .endpoints
             .iter()
+            .filter(|e| !upstreams.contains(&e.upstream))
+        {
+            if let Some(b) = &gone.breaker {
+                b.forget();
+            }
+        }
+        next
+    }
+
+    fn set_endpoints(&mut self, upstreams: &[Upstream], previous: &[Arc<Endpoint>]) {
+        let resilience = &self.policy.resilience;
+        let several = upstreams.len() > 1;
+        if let Some(e) = &self.ejections {
+            e.resize(upstreams.len());
+        }
+        let label = SharedString::from(self.name.clone());
+        self.endpoints = upstreams
+            .iter()
             .map(|upstream| {
+                if let Some(kept) = previous.iter().find(|e| e.upstream == *upstream) {
+                    return kept.clone();
+                }
                 let authority: Arc<str> = Arc::from(upstream.authority().as_str());
                 let scope = Scope {
                     service: label.clone(),
                     endpoint: Some(authority.clone()),
                     kind: Kind::Endpoint,
                 };
-                Endpoint {
+                Arc::new(Endpoint {
                     upstream: upstream.clone(),
+                    // Ejection needs somewhere else to go: a service with one endpoint has the service's breaker.
                     breaker: resilience
                         .outliers
                         .filter(|_| several)
-                        .map(|p| Breaker::with_ejections(p, scope, ejections.clone())),
+                        .map(|p| Breaker::with_ejections(p, scope, self.ejections.clone())),
                     label: SharedString::from(authority),
                     load: Load::default(),
-                }
+                })
             })
-            .collect::<Vec<_>>();
-        let ring = (resilience.balancer.kind == BalancerKind::ConsistentHash)
-            .then(|| Ring::new(endpoints.iter().map(|e| e.label.as_ref())));
-        let scope = Scope {
-            service: label,
-            endpoint: None,
-            kind: Kind::Service,
-        };
-        Self {
-            target: Arc::new(Target::new(resilience, scope)),
-            name,
-            policy: policy.clone(),
-            endpoints,
-            ejections,
-            next: AtomicUsize::new(0),
-            in_flight: AtomicU64::new(0),
-            ring,
-            clock: Clock::default(),
-        }
+            .collect();
+        self.ring = (resilience.balancer.kind == BalancerKind::ConsistentHash)
+            .then(|| Ring::new(self.endpoints.iter().map(|e| e.label.as_ref())));
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -216,11 +254,12 @@ impl Service {
                 self.two_choices(&eligible, |i| f64::from(self.endpoints[i].load.in_flight()))
             }
             BalancerKind::ConsistentHash => {
-                let bound = load_bound(
-                    self.in_flight.load(Ordering::Relaxed),
-                    n,
-                    balancer.hash_balance_factor,
-                );
+                let total: u64 = self
+                    .endpoints
+                    .iter()
+                    .map(|e| u64::from(e.load.in_flight()))
+                    .sum();
+                let bound = load_bound(total, n, balancer.hash_balance_factor);
                 let key = key.unwrap_or(0);
                 self.ring.as_ref().and_then(|ring| {
                     ring.walk(key, |i| {
@@ -263,7 +302,6 @@ impl Service {
     /// Counts an attempt to endpoint `index` in its load until the returned guard drops.
     pub fn begin(self: &Arc<Self>, index: usize) -> InFlight {
         self.endpoints[index].load.begin();
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             service: self.clone(),
             index,
@@ -273,6 +311,23 @@ impl Service {
 }
 
 impl Snapshot {
+    /// This snapshot with one service replaced (discovery publishing a new endpoint set); the version stays.
+    pub fn with_service(&self, name: &str, service: Arc<Service>) -> Self {
+        let mut services = self.services.clone();
+        services.insert(Box::from(name), service);
+        Self {
+            version: self.version,
+            services,
+            dispatch: self.dispatch.clone(),
+            request_timeout: self.request_timeout,
+            max_header_size: self.max_header_size,
+            access_log: self.access_log,
+            external: self.external.clone(),
+            dispatch_targets: self.dispatch_targets.clone(),
+            nameservers: self.nameservers.clone(),
+        }
+    }
+
     /// Every target's live state: services, URL authorities and dispatch destinations.
     pub fn targets(&self) -> serde_json::Value {
         let services: serde_json::Map<String, serde_json::Value> = self
@@ -314,6 +369,7 @@ impl Snapshot {
             services,
             external: authorities(previous.map(|p| &p.external), "external"),
             dispatch_targets: authorities(previous.map(|p| &p.dispatch_targets), "dispatch"),
+            nameservers: policy.nameservers.clone(),
             dispatch: policy.dispatch.clone(),
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,

@@ -96,6 +96,7 @@ fn describe() {
     metrics::describe_gauge!(POLICY_VERSION, "The version of the policy serving now.");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
     crate::resilience::monitor::describe();
+    crate::discovery::describe();
     metrics::describe_counter!(
         access_log::DROPPED,
         "Access log lines dropped because the writer fell behind."

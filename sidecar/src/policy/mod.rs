@@ -41,6 +41,8 @@ pub struct Policy {
     /// Dispatch rules in the seed dispatcher's format, when configured.
     pub dispatch: Option<DispatchRules>,
     pub access_log: crate::access_log::AccessLogPolicy,
+    /// DNS servers for service discovery (`dns.nameservers`); empty: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// Listener addresses, the worker count and limits of the egress listener.
@@ -89,6 +91,27 @@ pub struct ServicePolicy {
     pub request_timeout: Duration,
     /// The defaults' resilience with this service's overrides.
     pub resilience: resilience::Resilience,
+    /// Where endpoints come from besides `endpoints` (which serve until the first answer).
+    pub discovery: Option<Discovery>,
+}
+
+/// A dynamic source of a service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    pub source: DiscoverySource,
+    /// Re-resolved when the answer's TTL expires, but never sooner than `min_ttl` nor later than `max_ttl`.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// A/AAAA records of a name, each address with `port`.
+    Dns { name: String, port: u16 },
+    /// SRV records of a name: host and port each.
+    Srv { name: String },
+    /// A JSON array of `"host:port"` (the ringpop seed's hosts file), re-read when it changes.
+    HostsFile { path: PathBuf },
 }
 
 /// Every problem found in a policy, each on its own line.

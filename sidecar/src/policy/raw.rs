@@ -10,7 +10,10 @@ use super::resilience::{
     RawBalancer, RawBreaker, RawConcurrency, RawOutliers, RawRateLimit, RawResilience, RawRetries,
 };
 use super::seed::RawDispatch;
-use super::{Issue, Listeners, Policy, ServicePolicy, Timeouts, UpstreamSettings, duration, units};
+use super::{
+    Discovery, DiscoverySource, Issue, Listeners, Policy, ServicePolicy, Timeouts,
+    UpstreamSettings, duration, units,
+};
 use crate::access_log::AccessLogPolicy;
 use crate::dispatch::target::Upstream;
 
@@ -37,6 +40,8 @@ pub(super) struct RawPolicy {
     dispatch: Option<RawDispatch>,
     #[serde(default)]
     access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    dns: Option<RawDns>,
     /// Which file each top-level part came from, for "defined twice" messages.
     #[serde(skip)]
     origin: Origins,
@@ -50,9 +55,31 @@ struct RawAccessLog {
     query: Option<bool>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    nameservers: Vec<String>,
+}
+
+/// Where a service's endpoints come from besides `endpoints`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    dns: Option<String>,
+    port: Option<u16>,
+    srv: Option<String>,
+    hosts_file: Option<String>,
+    #[serde(default, with = "duration::serde_opt")]
+    min_ttl: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    max_ttl: Option<Duration>,
+}
+
 #[derive(Debug, Default)]
 struct Origins {
     access_log: Option<String>,
+    dns: Option<String>,
     file: String,
     services: BTreeMap<String, String>,
     dispatch: Option<String>,
@@ -133,6 +160,7 @@ struct RawService {
     rate_limit: Option<RawRateLimit>,
     load_balancer: Option<RawBalancer>,
     outlier_detection: Option<RawOutliers>,
+    discovery: Option<RawDiscovery>,
 }
 
 impl RawService {
@@ -168,6 +196,7 @@ impl RawPolicy {
             .collect();
         self.origin.dispatch = self.dispatch.as_ref().map(|_| file.to_string());
         self.origin.access_log = self.access_log.as_ref().map(|_| file.to_string());
+        self.origin.dns = self.dns.as_ref().map(|_| file.to_string());
         let l = &self.listeners;
         let listeners_set = l.egress.is_some()
             || l.admin.is_some()
@@ -204,6 +233,12 @@ impl RawPolicy {
             "access_log",
             (&mut self.access_log, &mut self.origin.access_log),
             (other.access_log, o.access_log),
+            &mut issues,
+        );
+        take_once(
+            "dns",
+            (&mut self.dns, &mut self.origin.dns),
+            (other.dns, o.dns),
             &mut issues,
         );
         take_once(
@@ -334,11 +369,15 @@ impl RawPolicy {
                     format!("a service name is letters, digits, '-', '_' and '.', got {name:?}"),
                 ));
             }
-            if raw.endpoints.is_empty() {
+            let discovery = raw
+                .discovery
+                .as_ref()
+                .and_then(|d| validate_discovery(d, &file, &field, &mut issues));
+            if raw.endpoints.is_empty() && raw.discovery.is_none() {
                 issues.push(Issue::new(
                     &file,
                     format!("{field}.endpoints"),
-                    "must list at least one endpoint",
+                    "must list at least one endpoint, or name a `discovery` source",
                 ));
             }
             let mut endpoints = Vec::with_capacity(raw.endpoints.len());
@@ -385,6 +424,7 @@ impl RawPolicy {
                     endpoints,
                     request_timeout,
                     resilience: service_resilience,
+                    discovery,
                 },
             );
         }
@@ -399,6 +439,25 @@ impl RawPolicy {
                 match units::Percent::parse(text) {
                     Ok(p) => access_log.sample = p.fraction(),
                     Err(why) => issues.push(Issue::new(&file, "access_log.sample", why)),
+                }
+            }
+        }
+
+        let mut nameservers = Vec::new();
+        if let Some(dns) = &self.dns {
+            let file = file_of(&self.origin.dns);
+            for (i, text) in dns.nameservers.iter().enumerate() {
+                let parsed = text.parse::<SocketAddr>().or_else(|_| {
+                    text.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match parsed {
+                    Ok(addr) => nameservers.push(addr),
+                    Err(_) => issues.push(Issue::new(
+                        &file,
+                        format!("dns.nameservers[{i}]"),
+                        format!("must be an IP address, with a port or not (127.0.0.1:5353), got {text:?}"),
+                    )),
                 }
             }
         }
@@ -440,6 +499,7 @@ impl RawPolicy {
             services,
             dispatch,
             access_log,
+            nameservers,
         })
     }
 }
@@ -470,4 +530,71 @@ fn is_service_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn validate_discovery(
+    raw: &RawDiscovery,
+    file: &str,
+    field: &str,
+    issues: &mut Vec<Issue>,
+) -> Option<Discovery> {
+    let at = |key: &str| format!("{field}.discovery.{key}");
+    let sources = [
+        raw.dns.is_some(),
+        raw.srv.is_some(),
+        raw.hosts_file.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        issues.push(Issue::new(
+            file,
+            format!("{field}.discovery"),
+            "name exactly one source: `dns` (with `port`), `srv` or `hosts_file`",
+        ));
+        return None;
+    }
+    let min_ttl = raw.min_ttl.unwrap_or(Duration::from_secs(1));
+    let max_ttl = raw.max_ttl.unwrap_or(Duration::from_secs(60)).max(min_ttl);
+    if min_ttl.is_zero() {
+        issues.push(Issue::new(
+            file,
+            at("min_ttl"),
+            "must be more than 0, got 0",
+        ));
+    }
+    let source = if let Some(name) = &raw.dns {
+        let Some(port) = raw.port.filter(|p| *p > 0) else {
+            issues.push(Issue::new(
+                file,
+                at("port"),
+                "is required with `dns`: the port the A/AAAA records' addresses serve on",
+            ));
+            return None;
+        };
+        DiscoverySource::Dns {
+            name: name.trim().to_string(),
+            port,
+        }
+    } else if let Some(name) = &raw.srv {
+        DiscoverySource::Srv {
+            name: name.trim().to_string(),
+        }
+    } else {
+        DiscoverySource::HostsFile {
+            path: raw.hosts_file.clone().unwrap_or_default().into(),
+        }
+    };
+    if let DiscoverySource::Dns { name, .. } | DiscoverySource::Srv { name } = &source
+        && (name.is_empty() || name.contains(char::is_whitespace))
+    {
+        issues.push(Issue::new(
+            file,
+            at(if raw.dns.is_some() { "dns" } else { "srv" }),
+            format!("must be a DNS name, got {name:?}"),
+        ));
+    }
+    Some(Discovery {
+        source,
+        min_ttl,
+        max_ttl,
+    })
 }

@@ -109,24 +109,34 @@ impl Drop for Ticket {
 /// How many of a service's endpoints may be ejected at once, and how many are.
 #[derive(Debug)]
 pub struct Ejections {
-    limit: usize,
+    share: f64,
+    limit: std::sync::atomic::AtomicUsize,
     ejected: std::sync::atomic::AtomicUsize,
 }
 
 impl Ejections {
     /// `share` of `endpoints`, but at least one (as Envoy's `max_ejection_percent`).
     pub fn new(share: f64, endpoints: usize) -> Arc<Self> {
-        let limit = ((share * endpoints as f64).floor() as usize).max(1);
-        Arc::new(Self {
-            limit,
+        let e = Self {
+            share,
+            limit: std::sync::atomic::AtomicUsize::new(0),
             ejected: std::sync::atomic::AtomicUsize::new(0),
-        })
+        };
+        e.resize(endpoints);
+        Arc::new(e)
+    }
+
+    /// The service's endpoint count changed (discovery).
+    pub fn resize(&self, endpoints: usize) {
+        let limit = ((self.share * endpoints as f64).floor() as usize).max(1);
+        self.limit.store(limit, Ordering::Release);
     }
 
     fn try_take(&self) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
         self.ejected
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
             .is_ok()
     }
@@ -284,6 +294,16 @@ impl Breaker {
             until: Instant::now() + open,
         };
         self.tripped.store(true, Ordering::Release);
+    }
+
+    /// The endpoint left the service (discovery): an ejection it held no longer counts.
+    pub fn forget(&self) {
+        let shared = self.lock();
+        if !matches!(shared.state, Phase::Closed)
+            && let Some(e) = &self.ejections
+        {
+            e.give_back();
+        }
     }
 
     fn release_probe(&self) {

@@ -174,8 +174,20 @@ impl RawUpstream {
         Self::start_inner(None).await
     }
 
+    /// Answers `200 OK` on a given address, or `None` when it cannot be bound.
+    pub async fn ok_on(addr: &str) -> Option<Self> {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        let responder: Arc<Responder> =
+            Arc::new(|_: &Received| response(200, &[("content-length", "2")], b"ok"));
+        Some(Self::serve_on(listener, Some(responder)))
+    }
+
     async fn start_inner(responder: Option<Arc<Responder>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::serve_on(listener, responder)
+    }
+
+    fn serve_on(listener: TcpListener, responder: Option<Arc<Responder>>) -> Self {
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
