@@ -14,6 +14,7 @@
 //!   consistent hashing with bounded loads).
 //! - [`discovery`]: the actor that keeps services' endpoints current from DNS (A/AAAA, SRV) or a hosts file.
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
+//! - [`health`]: the actor that runs active HTTP health checks of service endpoints.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
 //! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
@@ -29,6 +30,7 @@ pub mod balance;
 pub mod discovery;
 pub mod dispatch;
 pub mod error;
+pub mod health;
 pub mod policy;
 pub mod resilience;
 pub mod server;

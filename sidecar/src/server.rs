@@ -285,6 +285,10 @@ pub fn start(
     let snapshot = Snapshot::shared(&policy);
     actix::Actor::start(crate::resilience::monitor::Monitor::new(snapshot.clone()));
     actix::Actor::start(crate::discovery::Discovery::new(snapshot.clone()));
+    actix::Actor::start(crate::health::HealthChecker::new(
+        snapshot.clone(),
+        &policy.upstream,
+    ));
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
     let egress_factory = EgressFactory {

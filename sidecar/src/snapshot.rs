@@ -75,6 +75,8 @@ pub struct Endpoint {
     /// `host:port`, for logs and metrics.
     pub label: SharedString,
     pub load: Load,
+    /// False while active health checks fail ([`crate::health`]); true without health checks.
+    pub healthy: std::sync::atomic::AtomicBool,
 }
 
 /// An attempt in flight to one endpoint: counted in its load until dropped.
@@ -184,6 +186,7 @@ impl Service {
                         .map(|p| Breaker::with_ejections(p, scope, self.ejections.clone())),
                     label: SharedString::from(authority),
                     load: Load::default(),
+                    healthy: std::sync::atomic::AtomicBool::new(true),
                 })
             })
             .collect();
@@ -205,6 +208,7 @@ impl Service {
                 serde_json::json!({
                     "address": e.label.as_ref(),
                     "breaker": e.breaker.as_ref().map(|b| b.state().as_str()),
+                    "healthy": e.healthy.load(Ordering::Acquire),
                     "available": e.breaker.as_ref().is_none_or(|b| b.is_available()),
                     "in_flight": e.load.in_flight(),
                     "latency_ewma_ms": (e.load.latency_ns(now, decay) / 1e6 * 1000.0).round() / 1000.0,
@@ -223,10 +227,8 @@ impl Service {
     }
 
     fn available(&self, index: usize) -> bool {
-        self.endpoints[index]
-            .breaker
-            .as_ref()
-            .is_none_or(|b| b.is_available())
+        let e = &self.endpoints[index];
+        e.healthy.load(Ordering::Acquire) && e.breaker.as_ref().is_none_or(|b| b.is_available())
     }
 
     /// Chooses the endpoint for an attempt with the service's balancer, among the endpoints not ejected,
@@ -235,7 +237,7 @@ impl Service {
     pub fn pick(&self, avoid: Option<usize>, key: Option<u64>) -> Option<usize> {
         let n = self.endpoints.len();
         if n <= 1 {
-            return (n == 1).then_some(0);
+            return (n == 1 && self.endpoints[0].healthy.load(Ordering::Acquire)).then_some(0);
         }
         let eligible = |i: usize| Some(i) != avoid && self.available(i);
         let balancer = &self.policy.resilience.balancer;

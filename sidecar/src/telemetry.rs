@@ -97,6 +97,7 @@ fn describe() {
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
     crate::resilience::monitor::describe();
     crate::discovery::describe();
+    crate::health::describe();
     metrics::describe_counter!(
         access_log::DROPPED,
         "Access log lines dropped because the writer fell behind."

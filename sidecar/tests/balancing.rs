@@ -254,3 +254,64 @@ async fn consistent_hashing_keeps_a_key_on_one_instance() {
     }
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn active_health_checks_take_an_endpoint_out_and_bring_it_back() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let s = sick.clone();
+    let checked = RawUpstream::start(move |req| {
+        if req.target == "/healthz" && s.load(Ordering::SeqCst) {
+            response(503, &[("content-length", "0")], b"")
+        } else {
+            response(200, &[("content-length", "2")], b"ok")
+        }
+    })
+    .await;
+    let steady = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}']\n    load_balancer:\n      policy: round_robin\n    outlier_detection:\n      enabled: false\n    health_check:\n      path: /healthz\n      interval: 50ms\n      timeout: 500ms\n      healthy_threshold: 1\n      unhealthy_threshold: 2\n",
+        checked.addr, steady.addr
+    ));
+    let healthy =
+        |state: serde_json::Value| state["services"]["orders"]["endpoints"][0]["healthy"].clone();
+    let deadline = Instant::now() + support::DEADLINE;
+    while healthy(targets(&sidecar).await) != false {
+        assert!(Instant::now() < deadline, "never marked unhealthy");
+    }
+    let served = |u: &RawUpstream| {
+        u.received()
+            .iter()
+            .filter(|r| r.target != "/healthz")
+            .count()
+    };
+    for _ in 0..20 {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(
+        served(&checked),
+        0,
+        "an unhealthy endpoint gets no requests"
+    );
+    assert_eq!(served(&steady), 20);
+
+    sick.store(false, Ordering::SeqCst);
+    while healthy(targets(&sidecar).await) != true {
+        assert!(Instant::now() < deadline, "never marked healthy again");
+    }
+    for _ in 0..20 {
+        get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+    }
+    assert_eq!(served(&checked), 10, "back in rotation");
+    sidecar.stop().await;
+}

@@ -93,6 +93,20 @@ pub struct ServicePolicy {
     pub resilience: resilience::Resilience,
     /// Where endpoints come from besides `endpoints` (which serve until the first answer).
     pub discovery: Option<Discovery>,
+    /// Active health checks of the endpoints.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// An active HTTP health check: `GET path` on each endpoint every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: actix_http::Uri,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring an unhealthy endpoint back.
+    pub healthy_threshold: u32,
+    /// Failures in a row (non-2xx, timeout, refused) that take an endpoint out.
+    pub unhealthy_threshold: u32,
 }
 
 /// A dynamic source of a service's endpoints.

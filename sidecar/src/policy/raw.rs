@@ -11,7 +11,7 @@ use super::resilience::{
 };
 use super::seed::RawDispatch;
 use super::{
-    Discovery, DiscoverySource, Issue, Listeners, Policy, ServicePolicy, Timeouts,
+    Discovery, DiscoverySource, HealthCheck, Issue, Listeners, Policy, ServicePolicy, Timeouts,
     UpstreamSettings, duration, units,
 };
 use crate::access_log::AccessLogPolicy;
@@ -161,6 +161,19 @@ struct RawService {
     load_balancer: Option<RawBalancer>,
     outlier_detection: Option<RawOutliers>,
     discovery: Option<RawDiscovery>,
+    health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: Option<String>,
+    #[serde(default, with = "duration::serde_opt")]
+    interval: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    timeout: Option<Duration>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
 }
 
 impl RawService {
@@ -373,6 +386,10 @@ impl RawPolicy {
                 .discovery
                 .as_ref()
                 .and_then(|d| validate_discovery(d, &file, &field, &mut issues));
+            let health_check = raw
+                .health_check
+                .as_ref()
+                .and_then(|h| validate_health_check(h, &file, &field, &mut issues));
             if raw.endpoints.is_empty() && raw.discovery.is_none() {
                 issues.push(Issue::new(
                     &file,
@@ -425,6 +442,7 @@ impl RawPolicy {
                     request_timeout,
                     resilience: service_resilience,
                     discovery,
+                    health_check,
                 },
             );
         }
@@ -596,5 +614,50 @@ fn validate_discovery(
         source,
         min_ttl,
         max_ttl,
+    })
+}
+
+fn validate_health_check(
+    raw: &RawHealthCheck,
+    file: &str,
+    field: &str,
+    issues: &mut Vec<Issue>,
+) -> Option<HealthCheck> {
+    let at = |key: &str| format!("{field}.health_check.{key}");
+    let text = raw.path.as_deref().unwrap_or("/healthz");
+    let path = match text.parse::<actix_http::Uri>() {
+        Ok(uri) if text.starts_with('/') => uri,
+        _ => {
+            issues.push(Issue::new(
+                file,
+                at("path"),
+                format!("must be a path such as /healthz, got {text:?}"),
+            ));
+            return None;
+        }
+    };
+    let interval = raw.interval.unwrap_or(Duration::from_secs(5));
+    let timeout = raw.timeout.unwrap_or(Duration::from_secs(1));
+    for (key, value) in [("interval", interval), ("timeout", timeout)] {
+        if value.is_zero() {
+            issues.push(Issue::new(file, at(key), "must be more than 0, got 0"));
+        }
+    }
+    let healthy_threshold = raw.healthy_threshold.unwrap_or(2);
+    let unhealthy_threshold = raw.unhealthy_threshold.unwrap_or(3);
+    for (key, value) in [
+        ("healthy_threshold", healthy_threshold),
+        ("unhealthy_threshold", unhealthy_threshold),
+    ] {
+        if value == 0 {
+            issues.push(Issue::new(file, at(key), "must be at least 1, got 0"));
+        }
+    }
+    Some(HealthCheck {
+        path,
+        interval,
+        timeout,
+        healthy_threshold: healthy_threshold.max(1),
+        unhealthy_threshold: unhealthy_threshold.max(1),
     })
 }
