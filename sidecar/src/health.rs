@@ -31,7 +31,9 @@ pub fn describe() {
 /// The actor.
 pub struct HealthChecker {
     snapshot: SharedSnapshot,
-    client: awc::Client,
+    settings: UpstreamSettings,
+    /// Built when a service first asks for health checks: most sidecars never need it.
+    client: Option<awc::Client>,
     /// By endpoint (the `Arc`'s address identifies it across discovery updates).
     checks: HashMap<usize, Check>,
 }
@@ -56,11 +58,10 @@ struct Check {
 
 impl HealthChecker {
     pub fn new(snapshot: SharedSnapshot, settings: &UpstreamSettings) -> Self {
-        let client =
-            crate::dispatch::client::build(settings, crate::dispatch::client::tls_config());
         Self {
             snapshot,
-            client,
+            settings: settings.clone(),
+            client: None,
             checks: HashMap::new(),
         }
     }
@@ -128,8 +129,12 @@ impl HealthChecker {
             .upstream
             .uri_for(&spec.path)
             .map_err(|why| why.to_string());
+        let settings = &self.settings;
+        let client = self.client.get_or_insert_with(|| {
+            crate::dispatch::client::build(settings, crate::dispatch::client::tls_config())
+        });
         let request = uri.map(|uri| {
-            self.client
+            client
                 .get(uri)
                 .insert_header((
                     actix_http::header::HOST,
