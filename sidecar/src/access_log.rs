@@ -55,6 +55,8 @@ pub struct Record {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<&'static str>,
+    /// The request's trace id, when traces are on.
+    pub trace_id: Option<String>,
 }
 
 impl Record {
@@ -84,6 +86,11 @@ impl Record {
         );
         match self.error {
             Some(e) => json_string(out, e),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"trace_id\":");
+        match &self.trace_id {
+            Some(t) => json_string(out, t),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b"}\n");
@@ -238,6 +245,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 5,
             error: Some("upstream-reset"),
+            trace_id: None,
         };
         let mut line = Vec::new();
         record.write_json(&mut line);

@@ -22,6 +22,7 @@
 //! - [`resilience`]: per-target retries with budgets, circuit breakers, concurrency and rate limits, and the
 //!   actor that reports on them.
 //! - [`telemetry`]: the Prometheus recorder, metric names and request timing.
+//! - [`traces`]: OpenTelemetry spans per request and per attempt, W3C/B3 propagation, OTLP export.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 
 pub mod access_log;
@@ -36,6 +37,7 @@ pub mod resilience;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;
+pub mod traces;
 
 /// Installs ring as the process's rustls crypto provider, so that no second provider compiled into the tree
 /// can make `ServerConfig::builder()` panic. Idempotent.

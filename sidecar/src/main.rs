@@ -209,5 +209,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         );
         running.wait().await
     })?;
+    // Spans of the last requests go out before the process ends.
+    sidecar::traces::shutdown();
     Ok(())
 }

@@ -98,6 +98,7 @@ fn describe() {
     crate::resilience::monitor::describe();
     crate::discovery::describe();
     crate::health::describe();
+    crate::traces::describe();
     metrics::describe_counter!(
         access_log::DROPPED,
         "Access log lines dropped because the writer fell behind."

@@ -42,7 +42,10 @@ use crate::resilience::monitor;
 use crate::resilience::retry::{Attempt, backoff, idempotent, retry_after};
 use crate::snapshot::{InFlight, Service, SharedSnapshot};
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
+use crate::traces;
 use metrics::SharedString;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
 
 type UpstreamBody = awc::ClientResponse;
 /// The response body: the upstream's, with or without a known length, or the sidecar's own error body.
@@ -83,6 +86,7 @@ impl Forwarder {
     /// Handles one app request. Never fails: errors become responses.
     pub async fn handle(&self, req: Request) -> Response<Timed<ProxyBody>> {
         let started = Instant::now();
+        let trace = traces::get().map(|t| server_span(t, &req));
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;
         let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
@@ -97,6 +101,7 @@ impl Forwarder {
             bytes_in: 0,
             bytes_out: 0,
             error: None,
+            trace_id: trace.as_ref().and_then(traces::trace_id),
         });
         let mut labels = RequestLabels {
             service: SharedString::const_str("none"),
@@ -106,7 +111,10 @@ impl Forwarder {
             bytes_in: BytesIn::None,
         };
         let mut hold = Hold::default();
-        let (mut res, outcome) = match self.forward(req, started, &mut labels, &mut hold).await {
+        let forwarded = self
+            .forward(req, started, &mut labels, &mut hold, trace.as_ref())
+            .await;
+        let (mut res, outcome) = match forwarded {
             Ok(res) => (res, "ok"),
             Err(e) => {
                 tracing::debug!(cause = %e.cause, target = %e.target, detail = %e.detail, "request refused");
@@ -119,6 +127,11 @@ impl Forwarder {
         if labels.attempts > 0 {
             res.headers_mut()
                 .insert(ATTEMPTS, HeaderValue::from(labels.attempts));
+        }
+        if let Some(cx) = trace {
+            record_server_outcome(&cx, res.status(), outcome);
+            // Ended when the response body ends, with the request's duration.
+            hold.trace = Some(cx);
         }
         let histogram = self
             .instruments
@@ -140,6 +153,7 @@ impl Forwarder {
         started: Instant,
         labels: &mut RequestLabels,
         hold: &mut Hold,
+        trace: Option<&Context>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let peer = req.peer_addr();
         let (mut head, payload) = req.into_parts();
@@ -318,7 +332,17 @@ impl Forwarder {
                 Some(p) if p < remaining => (p, true),
                 _ => (remaining, false),
             };
-            let result = tokio::time::timeout(limit, body.send(&frozen)).await;
+            let attempt_span = trace.map(|cx| client_span(cx, &frozen, labels.attempts));
+            let sending = match &attempt_span {
+                Some(cx) => {
+                    // Each attempt is its own span: the upstream sees it as its parent.
+                    let mut extra = HeaderMap::new();
+                    traces::inject(cx, &mut extra);
+                    body.send_with(frozen.extra_headers(extra))
+                }
+                None => body.send(&frozen),
+            };
+            let result = tokio::time::timeout(limit, sending).await;
             let elapsed = now.elapsed();
             let result = match result {
                 Ok(Ok(response)) => Ok(response),
@@ -354,6 +378,9 @@ impl Forwarder {
             }
             if let Some(load) = load {
                 load.observe();
+            }
+            if let Some(cx) = attempt_span {
+                end_client_span(&cx, &result);
             }
 
             let decision = self.decide(&plan, &method, &body, attempt, &result, labels.attempts);
@@ -446,6 +473,102 @@ impl Forwarder {
 pub struct Hold {
     /// The target's concurrency slot.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// The server span, ended with the body.
+    pub trace: Option<Context>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(cx) = self.trace.take() {
+            cx.span().end();
+        }
+    }
+}
+
+/// The span of a request the sidecar serves, child of the caller's context (W3C or B3) when it sent one.
+fn server_span(traces: &traces::Traces, req: &Request) -> Context {
+    let parent = traces::extract(&req.head().headers);
+    let method = req.method().as_str().to_string();
+    let span = traces
+        .tracer
+        .span_builder(method.clone())
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("url.path", req.path().to_string()),
+            KeyValue::new("url.scheme", "http"),
+        ])
+        .start_with_context(&traces.tracer, &parent);
+    parent.with_span(span)
+}
+
+/// The response's status and the sidecar's error cause on the server span.
+fn record_server_outcome(cx: &Context, status: StatusCode, outcome: &'static str) {
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    ));
+    if outcome != "ok" {
+        span.set_attribute(KeyValue::new("error.type", outcome));
+    }
+    if status.is_server_error() {
+        span.set_status(Status::error(outcome));
+    }
+}
+
+/// The span of one upstream attempt, child of the server span.
+fn client_span(parent: &Context, request: &FrozenClientRequest, attempt: u32) -> Context {
+    let Some(traces) = traces::get() else {
+        return parent.clone();
+    };
+    let uri = request.get_uri();
+    let mut attributes = vec![
+        KeyValue::new(
+            "http.request.method",
+            request.get_method().as_str().to_string(),
+        ),
+        KeyValue::new("server.address", uri.host().unwrap_or_default().to_string()),
+        KeyValue::new("url.full", uri.to_string()),
+    ];
+    if let Some(port) = uri.port_u16() {
+        attributes.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    if attempt > 1 {
+        attributes.push(KeyValue::new(
+            "http.request.resend_count",
+            i64::from(attempt - 1),
+        ));
+    }
+    let span = traces
+        .tracer
+        .span_builder(request.get_method().as_str().to_string())
+        .with_kind(SpanKind::Client)
+        .with_attributes(attributes)
+        .start_with_context(&traces.tracer, parent);
+    parent.with_span(span)
+}
+
+fn end_client_span(cx: &Context, result: &Result<awc::ClientResponse, ProxyError>) {
+    let span = cx.span();
+    match result {
+        Ok(response) => {
+            let status = response.status();
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            ));
+            if status.is_server_error() {
+                span.set_attribute(KeyValue::new("error.type", status.as_str().to_string()));
+                span.set_status(Status::error(status.as_str().to_string()));
+            }
+        }
+        Err(e) => {
+            span.set_attribute(KeyValue::new("error.type", e.cause.as_str()));
+            span.set_status(Status::error(e.cause.as_str()));
+        }
+    }
+    span.end();
 }
 
 /// The destination and resilience state of one request, owned so no snapshot guard is held across awaits.
@@ -607,6 +730,26 @@ impl Body {
             self,
             Body::None | Body::Empty | Body::Replay(_) | Body::ReplayChunked(_)
         )
+    }
+
+    /// As [`Body::send`], with extra headers for this attempt (its `traceparent`).
+    fn send_with(&mut self, request: awc::FrozenSendBuilder) -> awc::SendClientRequest {
+        match self {
+            Body::None => request.send_body(body::None::new()),
+            Body::Empty => request.send_body(()),
+            Body::Replay(bytes) => request.send_body(bytes.clone()),
+            Body::ReplayChunked(bytes) => request.send_stream(stream::once(std::future::ready(
+                Ok::<_, PayloadError>(bytes.clone()),
+            ))),
+            Body::Sized(n, payload) => match payload.take() {
+                Some(p) => request.send_body(SizedStream::new(*n, p)),
+                None => request.send_body(()),
+            },
+            Body::Stream(stream) => match stream.take() {
+                Some(s) => request.send_stream(s),
+                None => request.send_body(()),
+            },
+        }
     }
 
     /// Sends the request with this body; a streamed body goes with its first attempt.

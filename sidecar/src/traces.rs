@@ -1,0 +1,393 @@
+//! Traces: OpenTelemetry spans for every request the sidecar serves and every upstream attempt, exported with
+//! OTLP over HTTP/protobuf. Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set.
+//!
+//! Owns: the tracer provider (the standard `OTEL_*` variables: endpoint, `OTEL_SERVICE_NAME`,
+//! `OTEL_TRACES_SAMPLER` and its argument), context propagation (W3C `traceparent`/`tracestate` in and out,
+//! B3 accepted in), and the export queue. Export never blocks a request: ended spans go into a bounded queue
+//! that one thread drains; when it is full they are dropped and counted in
+//! `sidecar_trace_spans_dropped_total`.
+
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::WithHttpConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+};
+
+/// Spans dropped because the export queue was full.
+pub const DROPPED: &str = "sidecar_trace_spans_dropped_total";
+/// Spans handed to the exporter, by result.
+pub const EXPORTED: &str = "sidecar_trace_spans_exported_total";
+
+const QUEUE: usize = 4096;
+const BATCH: usize = 512;
+const DELAY: Duration = Duration::from_millis(500);
+
+pub fn describe() {
+    metrics::describe_counter!(DROPPED, "Spans dropped because the export queue was full.");
+    metrics::describe_counter!(
+        EXPORTED,
+        "Spans handed to the OTLP exporter, by result (ok, error)."
+    );
+}
+
+/// The process's tracing, when configured.
+#[derive(Debug)]
+pub struct Traces {
+    pub tracer: SdkTracer,
+    provider: SdkTracerProvider,
+}
+
+static TRACES: OnceLock<Option<Traces>> = OnceLock::new();
+
+/// The tracer, when `OTEL_EXPORTER_OTLP_ENDPOINT` configures one (read once per process).
+pub fn get() -> Option<&'static Traces> {
+    TRACES.get_or_init(from_env).as_ref()
+}
+
+/// Flushes what is queued (at shutdown).
+pub fn shutdown() {
+    if let Some(Some(t)) = TRACES.get() {
+        let _ = t.provider.shutdown();
+    }
+}
+
+fn from_env() -> Option<Traces> {
+    let configured = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()));
+    if !configured
+        || std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return None;
+    }
+    let mut exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client::PlainHttp)
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "traces disabled: the OTLP exporter cannot be built");
+            return None;
+        }
+    };
+    // The SDK reads OTEL_SERVICE_NAME and OTEL_TRACES_SAMPLER(_ARG) itself; a service name defaults to ours.
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name("sidecar");
+    }
+    let resource = resource.build();
+    // The exporter leaves for the export thread: it learns the resource first.
+    exporter.set_resource(&resource);
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(Queue::start(exporter))
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("sidecar");
+    tracing::info!("traces export with OTLP over HTTP");
+    Some(Traces { tracer, provider })
+}
+
+/// Reads the caller's trace context: W3C `traceparent`/`tracestate`, else B3 (single `b3` or `X-B3-*`).
+pub fn extract(headers: &HeaderMap) -> Context {
+    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    if cx.span().span_context().is_valid() {
+        return cx;
+    }
+    match b3(headers) {
+        Some(span) => Context::new().with_remote_span_context(span),
+        None => cx,
+    }
+}
+
+/// Writes `traceparent` (and `tracestate`) for the span in `cx` into an upstream request's headers.
+pub fn inject(cx: &Context, headers: &mut HeaderMap) {
+    TraceContextPropagator::new().inject_context(cx, &mut HeadersMut(headers));
+}
+
+/// The trace id of the span in `cx`, when there is one.
+pub fn trace_id(cx: &Context) -> Option<String> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+fn b3(headers: &HeaderMap) -> Option<SpanContext> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (trace, span, sampled) = match text("b3") {
+        Some(single) => {
+            let mut parts = single.split('-');
+            let trace = parts.next()?;
+            let span = parts.next()?;
+            (trace, span, parts.next())
+        }
+        None => (
+            text("x-b3-traceid")?,
+            text("x-b3-spanid")?,
+            text("x-b3-sampled").or(text("x-b3-flags")),
+        ),
+    };
+    // 64-bit B3 trace ids are padded to 128 bits.
+    let trace = TraceId::from_hex(&format!("{trace:0>32}")).ok()?;
+    let span = SpanId::from_hex(span).ok()?;
+    let flags = match sampled {
+        Some("1" | "d" | "true") => TraceFlags::SAMPLED,
+        _ => TraceFlags::default(),
+    };
+    let sc = SpanContext::new(trace, span, flags, true, TraceState::default());
+    sc.is_valid().then_some(sc)
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The span processor: a bounded queue and one export thread.
+#[derive(Debug)]
+struct Queue {
+    sender: SyncSender<Message>,
+}
+
+enum Message {
+    Span(Box<SpanData>),
+    Flush(SyncSender<()>),
+}
+
+impl Queue {
+    fn start<E: SpanExporter + 'static>(exporter: E) -> Self {
+        let (sender, receiver) = sync_channel(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("sidecar-traces".into())
+            .spawn(move || export_loop(exporter, receiver));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "traces: cannot start the export thread; spans will be dropped");
+        }
+        Self { sender }
+    }
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _: &mut Span, _: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.sender.try_send(Message::Span(Box::new(span)))
+        {
+            metrics::counter!(DROPPED).increment(1);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (done, wait) = sync_channel(1);
+        self.sender
+            .send(Message::Flush(done))
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        wait.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| OTelSdkError::Timeout(Duration::from_secs(5)))
+    }
+
+    fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        self.force_flush()
+    }
+}
+
+fn export_loop<E: SpanExporter>(exporter: E, receiver: Receiver<Message>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!(error = %e, "traces: no runtime for the exporter");
+            return;
+        }
+    };
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut deadline = Instant::now() + DELAY;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let mut flush = None;
+        match receiver.recv_timeout(wait) {
+            Ok(Message::Span(span)) => batch.push(*span),
+            Ok(Message::Flush(done)) => flush = Some(done),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                send(&runtime, &exporter, &mut batch);
+                return;
+            }
+        }
+        if batch.len() >= BATCH || flush.is_some() || Instant::now() >= deadline {
+            send(&runtime, &exporter, &mut batch);
+            deadline = Instant::now() + DELAY;
+        }
+        if let Some(done) = flush {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn send<E: SpanExporter>(
+    runtime: &tokio::runtime::Runtime,
+    exporter: &E,
+    batch: &mut Vec<SpanData>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let spans = std::mem::take(batch);
+    let n = spans.len() as u64;
+    let result = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), exporter.export(spans)).await
+    });
+    let outcome = match result {
+        Ok(Ok(())) => "ok",
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, spans = n, "traces: export failed");
+            "error"
+        }
+        Err(_) => {
+            tracing::warn!(spans = n, "traces: export timed out");
+            "error"
+        }
+    };
+    metrics::counter!(EXPORTED, "result" => outcome).increment(n);
+}
+
+/// The OTLP exporter's HTTP client: plain HTTP/1.1 to a collector (usually a local agent), on the export
+/// thread's own runtime, so the exporter needs no second HTTP stack.
+mod client {
+    use std::time::Duration;
+
+    use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    #[derive(Debug)]
+    pub struct PlainHttp;
+
+    #[async_trait::async_trait]
+    impl HttpClient for PlainHttp {
+        async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+            tokio::time::timeout(Duration::from_secs(10), exchange(request))
+                .await
+                .map_err(|_| HttpError::from("the OTLP collector did not answer within 10 s"))?
+        }
+    }
+
+    async fn exchange(request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let uri = request.uri().clone();
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("only http:// OTLP endpoints are supported, got {uri}").into());
+        }
+        let host = uri.host().ok_or("the OTLP endpoint has no host")?;
+        let port = uri.port_u16().unwrap_or(80);
+        let mut stream = TcpStream::connect((host, port)).await?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!(
+            "{} {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-length: {}\r\nconnection: close\r\n",
+            request.method(),
+            request.body().len()
+        );
+        for (name, value) in request.headers() {
+            if name != "content-length" && name != "host" && name != "connection" {
+                head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or("")));
+            }
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(request.body()).await?;
+        let mut answer = Vec::new();
+        stream.take(4 << 20).read_to_end(&mut answer).await?;
+        let end = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("the OTLP collector's answer has no head")?;
+        let status_line = std::str::from_utf8(&answer[..end])?
+            .lines()
+            .next()
+            .unwrap_or_default();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("the OTLP collector's answer has no status")?;
+        let body = Bytes::copy_from_slice(&answer[end + 4..]);
+        Ok(Response::builder().status(status).body(body)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn w3c_and_b3_contexts_are_read() {
+        let w3c = extract(&headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]));
+        assert_eq!(
+            trace_id(&w3c).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let single = extract(&headers(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1",
+        )]));
+        assert_eq!(
+            trace_id(&single).as_deref(),
+            Some("80f198ee56343ba864fe8b2a57d3eff7")
+        );
+        let multi = extract(&headers(&[
+            ("x-b3-traceid", "a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-sampled", "1"),
+        ]));
+        assert_eq!(
+            trace_id(&multi).as_deref(),
+            Some("0000000000000000a3ce929d0e0e4736")
+        );
+        assert!(trace_id(&extract(&HeaderMap::new())).is_none());
+    }
+}
