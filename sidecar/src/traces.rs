@@ -105,6 +105,12 @@ fn from_env() -> Option<Traces> {
 
 /// Reads the caller's trace context: W3C `traceparent`/`tracestate`, else B3 (single `b3` or `X-B3-*`).
 pub fn extract(headers: &HeaderMap) -> Context {
+    if !["traceparent", "b3", "x-b3-traceid"]
+        .iter()
+        .any(|h| headers.contains_key(*h))
+    {
+        return Context::new();
+    }
     let cx = TraceContextPropagator::new().extract(&Headers(headers));
     if cx.span().span_context().is_valid() {
         return cx;

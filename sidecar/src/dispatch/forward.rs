@@ -44,7 +44,7 @@ use crate::snapshot::{InFlight, Service, SharedSnapshot};
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use crate::traces;
 use metrics::SharedString;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
 type UpstreamBody = awc::ClientResponse;
@@ -86,7 +86,7 @@ impl Forwarder {
     /// Handles one app request. Never fails: errors become responses.
     pub async fn handle(&self, req: Request) -> Response<Timed<ProxyBody>> {
         let started = Instant::now();
-        let trace = traces::get().map(|t| server_span(t, &req));
+        let trace = traces::get().and_then(|t| server_span(t, &req));
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;
         let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
@@ -486,20 +486,25 @@ impl Drop for Hold {
 }
 
 /// The span of a request the sidecar serves, child of the caller's context (W3C or B3) when it sent one.
-fn server_span(traces: &traces::Traces, req: &Request) -> Context {
+/// `None` when the sampler says no: an unsampled request then costs one sampling decision, and its
+/// `traceparent`, if any, passes to the upstream untouched.
+fn server_span(traces: &traces::Traces, req: &Request) -> Option<Context> {
     let parent = traces::extract(&req.head().headers);
-    let method = req.method().as_str().to_string();
-    let span = traces
+    let builder = traces
         .tracer
-        .span_builder(method.clone())
-        .with_kind(SpanKind::Server)
-        .with_attributes([
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("url.path", req.path().to_string()),
-            KeyValue::new("url.scheme", "http"),
-        ])
-        .start_with_context(&traces.tracer, &parent);
-    parent.with_span(span)
+        .span_builder(method_label(req.method()))
+        .with_kind(SpanKind::Server);
+    let span = traces.tracer.build_with_context(builder, &parent);
+    if !span.is_recording() {
+        return None;
+    }
+    let cx = parent.with_span(span);
+    cx.span().set_attributes([
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.path().to_string()),
+        KeyValue::new("url.scheme", "http"),
+    ]);
+    Some(cx)
 }
 
 /// The response's status and the sidecar's error cause on the server span.
