@@ -93,7 +93,8 @@ impl Forwarder {
             time: SystemTime::now(),
             method: req.method().clone(),
             service: SharedString::const_str("none"),
-            path: logged_path(req.uri(), log.query),
+            uri: req.uri().clone(),
+            query: log.query,
             status: 0,
             upstream: None,
             attempts: 0,
@@ -830,14 +831,6 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
             }
             all.freeze()
         }
-    }
-}
-
-/// The path for the access log: without the query unless the policy asks for it (queries often carry tokens).
-fn logged_path(uri: &actix_http::Uri, with_query: bool) -> String {
-    match (with_query, uri.path_and_query()) {
-        (true, Some(pq)) => pq.as_str().to_string(),
-        _ => uri.path().to_string(),
     }
 }
 
