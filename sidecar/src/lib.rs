@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the coherent, atomically swapped view of the policy that the request path reads.
 //! - [`balance`]: load balancing over a service's endpoints (P2C peak-EWMA, least request, round robin,
 //!   consistent hashing with bounded loads).
+//! - [`certs`]: `sidecar certs`, a development mesh CA and per-service certificates (not a production CA).
 //! - [`discovery`]: the actor that keeps services' endpoints current from DNS (A/AAAA, SRV) or a hosts file.
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
 //! - [`health`]: the actor that runs active HTTP health checks of service endpoints.
@@ -28,6 +29,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod certs;
 pub mod discovery;
 pub mod dispatch;
 pub mod error;

@@ -61,6 +61,21 @@ enum Command {
         /// Policy file or directory (default: --policy, else the embedded default).
         path: Option<PathBuf>,
     },
+    /// Development tooling, not a production CA: create a mesh CA and a certificate per service (SPIFFE
+    /// identity spiffe://<trust-domain>/service/<name>), and say where they were written.
+    Certs {
+        /// The services to issue certificates for.
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Where to write ca.pem, ca-key.pem, <service>.pem and <service>-key.pem.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long, default_value = "mesh.local")]
+        trust_domain: String,
+        /// How long the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +90,12 @@ fn main() -> ExitCode {
 
     let result = match &cli.command {
         Some(Command::Check { path }) => return check(&cli, path.as_deref()),
+        Some(Command::Certs {
+            services,
+            out,
+            trust_domain,
+            days,
+        }) => certs(services, out, trust_domain, *days),
         Some(Command::Run) | None => run(&cli),
     };
     match result {
@@ -137,6 +158,36 @@ fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
         watch: !cli.no_watch,
         overrides,
     })
+}
+
+fn certs(services: &[String], out: &Path, trust_domain: &str, days: i64) -> anyhow::Result<()> {
+    for s in services {
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            anyhow::bail!("{s:?} is not a service name (letters, digits, '-', '_' and '.')");
+        }
+    }
+    let written = sidecar::certs::write(out, trust_domain, services, days)?;
+    println!(
+        "development mesh CA (not for production): {}",
+        written.ca.display()
+    );
+    println!(
+        "  its key (keep it to issue more): {}",
+        written.ca_key.display()
+    );
+    for (service, cert, key) in &written.services {
+        println!(
+            "{}: {} and {}",
+            sidecar::certs::spiffe_id(trust_domain, service),
+            cert.display(),
+            key.display()
+        );
+    }
+    Ok(())
 }
 
 fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {

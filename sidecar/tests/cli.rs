@@ -320,3 +320,42 @@ async fn every_request_gets_one_json_access_log_line_on_stdout() {
     assert_eq!(refused["service"], "none");
     drop(sidecar);
 }
+
+#[test]
+fn certs_writes_a_development_ca_and_says_where() {
+    let dir = temp_dir("certs");
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--out"]).arg(&dir).args([
+        "--trust-domain",
+        "mesh.test",
+        "orders",
+        "payments",
+    ]);
+    let out = run_to_end(cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("not for production"), "{stdout}");
+    assert!(
+        stdout.contains("spiffe://mesh.test/service/payments"),
+        "{stdout}"
+    );
+    for file in [
+        "ca.pem",
+        "ca-key.pem",
+        "orders.pem",
+        "orders-key.pem",
+        "payments.pem",
+    ] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    // A name that is not a service name is refused, naming it.
+    let mut bad = sidecar_bin();
+    bad.args(["certs", "--out"]).arg(&dir).arg("no/slashes");
+    let out = run_to_end(bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/slashes"));
+}
