@@ -55,6 +55,8 @@ pub enum Cause {
     RateLimited,
     /// Every endpoint of the service is ejected.
     NoHealthyEndpoint,
+    /// The mesh peer is not allowed to make this request (or has no identity).
+    Forbidden,
 }
 
 impl Cause {
@@ -64,6 +66,7 @@ impl Cause {
         match self {
             MissingTarget | BadTarget | BadInternal | RequestBody => StatusCode::BAD_REQUEST,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Forbidden => StatusCode::FORBIDDEN,
             UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
             | UpstreamTls => StatusCode::BAD_GATEWAY,
             UnknownService | NoEndpoints | CircuitOpen | Overloaded | NoHealthyEndpoint => {
@@ -97,11 +100,12 @@ impl Cause {
             Overloaded => "overloaded",
             RateLimited => "rate-limited",
             NoHealthyEndpoint => "no-healthy-endpoint",
+            Forbidden => "forbidden",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 19] = {
+    pub const ALL: [Cause; 20] = {
         use Cause::*;
         [
             MissingTarget,
@@ -123,6 +127,7 @@ impl Cause {
             Overloaded,
             RateLimited,
             NoHealthyEndpoint,
+            Forbidden,
         ]
     };
 }

@@ -15,6 +15,7 @@
 //! - [`certs`]: `sidecar certs`, a development mesh CA and per-service certificates (not a production CA).
 //! - [`discovery`]: the actor that keeps services' endpoints current from DNS (A/AAAA, SRV) or a hosts file.
 //! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
+//! - [`mesh`]: the inbound listener: mTLS from peer sidecars, SPIFFE identities, forwarding to the local app.
 //! - [`health`]: the actor that runs active HTTP health checks of service endpoints.
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
@@ -34,6 +35,7 @@ pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod health;
+pub mod mesh;
 pub mod policy;
 pub mod resilience;
 pub mod server;

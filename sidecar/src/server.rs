@@ -69,6 +69,8 @@ impl Tasks {
 pub struct Running {
     pub egress: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// The mesh's inbound (mTLS) listener, when the policy has one.
+    pub inbound: Option<SocketAddr>,
     pub snapshot: SharedSnapshot,
     pub policy: PolicyHandle,
     draining: Draining,
@@ -319,6 +321,24 @@ pub fn start(
         }
         None => None,
     };
+    // The mesh's inbound listener: bound and configured now, so a bad certificate or a taken port stops
+    // start-up with its reason.
+    let inbound = match policy.mesh.as_ref() {
+        Some(mesh) => match crate::mesh::bind(mesh).map_err(std::io::Error::other)? {
+            Some((listener, addr)) => {
+                let (m, upstream) = (mesh.clone(), policy.upstream.clone());
+                let workers = policy.listeners.workers;
+                Slot::start(&tasks, listener, false, |l| {
+                    crate::mesh::server(&m, &upstream, l, workers)
+                        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+                })?;
+                tracing::info!(%addr, "mesh inbound listener (mTLS) ready");
+                Some(addr)
+            }
+            None => None,
+        },
+        None => None,
+    };
     let servers = Servers {
         tasks: tasks.clone(),
         egress_factory,
@@ -337,6 +357,7 @@ pub fn start(
     Ok(Running {
         egress,
         admin,
+        inbound,
         snapshot,
         policy: handle,
         draining,

@@ -43,6 +43,31 @@ pub struct Policy {
     pub access_log: crate::access_log::AccessLogPolicy,
     /// DNS servers for service discovery (`dns.nameservers`); empty: the system's (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
+    /// This sidecar's place in the mesh: identity, certificates, inbound listener.
+    pub mesh: Option<Mesh>,
+}
+
+/// The `mesh` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    pub trust_domain: String,
+    /// This sidecar's service: its certificate says `spiffe://<trust_domain>/service/<identity>`.
+    pub identity: String,
+    /// PEM files: the mesh CA bundle, this sidecar's chain and key.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Accept TLS 1.2 too (TLS 1.3 only otherwise).
+    pub tls12: bool,
+    pub inbound: Option<Inbound>,
+}
+
+/// The inbound listener: peer sidecars in, the local app out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    pub app: Upstream,
+    pub request_timeout: Duration,
 }
 
 /// Listener addresses, the worker count and limits of the egress listener.

@@ -11,8 +11,8 @@ use super::resilience::{
 };
 use super::seed::RawDispatch;
 use super::{
-    Discovery, DiscoverySource, HealthCheck, Issue, Listeners, Policy, ServicePolicy, Timeouts,
-    UpstreamSettings, duration, units,
+    Discovery, DiscoverySource, HealthCheck, Inbound, Issue, Listeners, Mesh, Policy,
+    ServicePolicy, Timeouts, UpstreamSettings, duration, units,
 };
 use crate::access_log::AccessLogPolicy;
 use crate::dispatch::target::Upstream;
@@ -42,6 +42,8 @@ pub(super) struct RawPolicy {
     access_log: Option<RawAccessLog>,
     #[serde(default)]
     dns: Option<RawDns>,
+    #[serde(default)]
+    mesh: Option<RawMesh>,
     /// Which file each top-level part came from, for "defined twice" messages.
     #[serde(skip)]
     origin: Origins,
@@ -53,6 +55,27 @@ struct RawAccessLog {
     enabled: Option<bool>,
     sample: Option<String>,
     query: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    trust_domain: Option<String>,
+    identity: Option<String>,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    tls12: Option<bool>,
+    inbound: Option<RawInbound>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: Option<String>,
+    app: Option<String>,
+    #[serde(default, with = "duration::serde_opt")]
+    request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +103,7 @@ struct RawDiscovery {
 struct Origins {
     access_log: Option<String>,
     dns: Option<String>,
+    mesh: Option<String>,
     file: String,
     services: BTreeMap<String, String>,
     dispatch: Option<String>,
@@ -210,6 +234,7 @@ impl RawPolicy {
         self.origin.dispatch = self.dispatch.as_ref().map(|_| file.to_string());
         self.origin.access_log = self.access_log.as_ref().map(|_| file.to_string());
         self.origin.dns = self.dns.as_ref().map(|_| file.to_string());
+        self.origin.mesh = self.mesh.as_ref().map(|_| file.to_string());
         let l = &self.listeners;
         let listeners_set = l.egress.is_some()
             || l.admin.is_some()
@@ -246,6 +271,12 @@ impl RawPolicy {
             "access_log",
             (&mut self.access_log, &mut self.origin.access_log),
             (other.access_log, o.access_log),
+            &mut issues,
+        );
+        take_once(
+            "mesh",
+            (&mut self.mesh, &mut self.origin.mesh),
+            (other.mesh, o.mesh),
             &mut issues,
         );
         take_once(
@@ -480,6 +511,15 @@ impl RawPolicy {
             }
         }
 
+        let mesh = self.mesh.as_ref().and_then(|m| {
+            validate_mesh(
+                m,
+                &file_of(&self.origin.mesh),
+                timeouts.request,
+                &mut issues,
+            )
+        });
+
         let dispatch = match self.dispatch {
             Some(d) => match d.validate(&file_of(&self.origin.dispatch), "dispatch.") {
                 Ok(rules) => Some(rules),
@@ -518,6 +558,7 @@ impl RawPolicy {
             dispatch,
             access_log,
             nameservers,
+            mesh,
         })
     }
 }
@@ -659,5 +700,83 @@ fn validate_health_check(
         timeout,
         healthy_threshold: healthy_threshold.max(1),
         unhealthy_threshold: unhealthy_threshold.max(1),
+    })
+}
+
+fn validate_mesh(
+    raw: &RawMesh,
+    file: &str,
+    request_timeout: Duration,
+    issues: &mut Vec<Issue>,
+) -> Option<Mesh> {
+    let mut required = |key: &str, value: &Option<String>| -> String {
+        match value.as_deref().map(str::trim) {
+            Some(v) if !v.is_empty() => v.to_string(),
+            _ => {
+                issues.push(Issue::new(file, format!("mesh.{key}"), "is required"));
+                String::new()
+            }
+        }
+    };
+    let identity = required("identity", &raw.identity);
+    let ca = required("ca", &raw.ca);
+    let cert = required("cert", &raw.cert);
+    let key = required("key", &raw.key);
+    let trust_domain = raw
+        .trust_domain
+        .clone()
+        .unwrap_or_else(|| "mesh.local".to_string());
+    if !identity.is_empty() && !is_service_name(&identity) {
+        issues.push(Issue::new(
+            file,
+            "mesh.identity",
+            format!("a service name is letters, digits, '-', '_' and '.', got {identity:?}"),
+        ));
+    }
+    let inbound = match &raw.inbound {
+        None => None,
+        Some(i) => {
+            let listen = i.listen.as_deref().unwrap_or("0.0.0.0:5443");
+            let listen = match listen.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    issues.push(Issue::new(
+                        file,
+                        "mesh.inbound.listen",
+                        format!("must be an address such as 0.0.0.0:5443, got {listen:?}"),
+                    ));
+                    return None;
+                }
+            };
+            let app_text = i.app.as_deref().unwrap_or("127.0.0.1:8080");
+            let app = match Upstream::parse_endpoint(app_text) {
+                Ok(u) => u,
+                Err(why) => {
+                    issues.push(Issue::new(
+                        file,
+                        "mesh.inbound.app",
+                        format!("{why}, got {app_text:?}"),
+                    ));
+                    return None;
+                }
+            };
+            Some(Inbound {
+                listen,
+                app,
+                request_timeout: i.request_timeout.unwrap_or(request_timeout),
+            })
+        }
+    };
+    if identity.is_empty() || ca.is_empty() || cert.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some(Mesh {
+        trust_domain,
+        identity,
+        ca: ca.into(),
+        cert: cert.into(),
+        key: key.into(),
+        tls12: raw.tls12.unwrap_or(false),
+        inbound,
     })
 }

@@ -26,6 +26,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub struct Sidecar {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The mesh inbound listener, when the policy has one.
+    pub inbound: Option<SocketAddr>,
     running: server::Running,
 }
 
@@ -107,6 +109,7 @@ impl Sidecar {
         Self {
             addr,
             admin,
+            inbound: running.inbound,
             running,
         }
     }

@@ -1,0 +1,235 @@
+//! The mesh hop, inbound side: a listener that accepts mTLS from peer sidecars only, takes the peer's identity
+//! from its certificate (a SPIFFE URI SAN), and forwards to the local app with that identity in
+//! `x-sidecar-peer-identity`.
+//!
+//! Owns: the rustls server configuration (TLS 1.3 by default, 1.2 only when configured; a client certificate
+//! signed by the mesh CA is required), reading the identity from a verified certificate, and the inbound
+//! forwarder. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
+
+use std::any::Any;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_http::body::{BodyStream, SizedStream};
+use actix_http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use actix_web::dev::{Extensions, Server};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::dispatch::headers::{strip_hop_by_hop, strip_request};
+use crate::dispatch::target::Upstream;
+use crate::error::{Cause, ProxyError};
+use crate::policy::{Mesh, UpstreamSettings};
+
+/// The verified identity of the peer sidecar, on every request the app receives through the mesh. The same
+/// header arriving from outside is removed.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-sidecar-peer-identity");
+
+/// The peer's identity, read once per connection from its verified certificate.
+#[derive(Debug, Clone)]
+struct PeerIdentity(Option<HeaderValue>);
+
+/// The mesh's TLS material, read from the PEM files.
+pub fn server_config(mesh: &Mesh) -> anyhow::Result<rustls::ServerConfig> {
+    let roots = read_roots(&mesh.ca)?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .context("the mesh CA cannot verify client certificates")?;
+    let (chain, key) = read_identity(mesh)?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if mesh.tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions)
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("the mesh certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn read_roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("mesh.ca: cannot read {}", path.display()))?;
+    for cert in certs {
+        let cert = cert.with_context(|| format!("mesh.ca: {} is not PEM", path.display()))?;
+        roots.add(cert).with_context(|| {
+            format!(
+                "mesh.ca: {} holds a certificate rustls refuses",
+                path.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("mesh.ca: {} holds no certificate", path.display());
+    }
+    Ok(roots)
+}
+
+fn read_identity(
+    mesh: &Mesh,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&mesh.cert)
+        .with_context(|| format!("mesh.cert: cannot read {}", mesh.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("mesh.cert: {} is not PEM", mesh.cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("mesh.cert: {} holds no certificate", mesh.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&mesh.key).with_context(|| {
+        format!(
+            "mesh.key: cannot read a private key from {}",
+            mesh.key.display()
+        )
+    })?;
+    Ok((chain, key))
+}
+
+/// The SPIFFE URI SAN of a certificate (`spiffe://...`), if it has exactly one.
+pub fn spiffe_identity(der: &[u8]) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
+        _ => None,
+    });
+    let first = uris.next()?;
+    uris.next().is_none().then_some(first)
+}
+
+/// Reads the peer's identity when a TLS connection is accepted.
+fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    let identity = connection.downcast_ref::<Tls>().and_then(|tls| {
+        let (_, session) = tls.get_ref();
+        let leaf = session.peer_certificates()?.first()?;
+        spiffe_identity(leaf.as_ref())
+    });
+    extensions.insert(PeerIdentity(
+        identity.and_then(|id| HeaderValue::from_str(&id).ok()),
+    ));
+}
+
+/// Where inbound requests go: the local app.
+#[derive(Debug, Clone)]
+struct Local {
+    app: Upstream,
+    timeout: std::time::Duration,
+}
+
+/// Builds the inbound server on a pre-bound listener.
+pub fn server(
+    mesh: &Mesh,
+    upstream: &UpstreamSettings,
+    listener: TcpListener,
+    workers: usize,
+) -> anyhow::Result<Server> {
+    let Some(inbound) = &mesh.inbound else {
+        anyhow::bail!("mesh.inbound is not configured");
+    };
+    let config = server_config(mesh)?;
+    let local = Local {
+        app: inbound.app.clone(),
+        timeout: inbound.request_timeout,
+    };
+    let settings = upstream.clone();
+    let tls = crate::dispatch::client::tls_config();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(local.clone()))
+            .app_data(web::Data::new(crate::dispatch::client::build(
+                &settings,
+                tls.clone(),
+            )))
+            .default_service(web::to(forward))
+    })
+    .workers(workers)
+    .disable_signals()
+    .tcp_nodelay(true)
+    .on_connect(on_connect)
+    .listen_rustls_0_23(listener, config)?
+    .run();
+    Ok(server)
+}
+
+/// Forwards one inbound request to the local app, with the peer's verified identity.
+async fn forward(
+    req: HttpRequest,
+    body: web::Payload,
+    local: web::Data<Local>,
+    client: web::Data<awc::Client>,
+) -> HttpResponse {
+    let refuse = |cause: Cause, detail: &str| {
+        HttpResponse::from(ProxyError::new(cause, local.app.to_string(), detail).to_response())
+    };
+    let Some(identity) = req.conn_data::<PeerIdentity>().and_then(|p| p.0.clone()) else {
+        return refuse(
+            Cause::Forbidden,
+            "the peer certificate has no SPIFFE identity (one spiffe:// URI SAN)",
+        );
+    };
+    let Ok(uri) = local.app.uri_for(req.uri()) else {
+        return refuse(
+            Cause::BadTarget,
+            "the request path cannot be joined to the app's address",
+        );
+    };
+    let mut headers = req.headers().clone();
+    strip_request(&mut headers);
+    headers.insert(PEER_IDENTITY, identity);
+    headers.insert(HOST, local.app.host_header().clone());
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = req.headers().contains_key(TRANSFER_ENCODING);
+    let mut request = client
+        .request(req.method().clone(), uri)
+        .timeout(local.timeout)
+        .no_decompress();
+    *request.headers_mut() = headers;
+    let sending = match (length, chunked) {
+        (_, true) => request.send_stream(body),
+        (Some(n), false) if n > 0 => request.send_body(SizedStream::new(n, body)),
+        (Some(_), false) => request.send_body(()),
+        (None, false) => request.send_body(actix_http::body::None::new()),
+    };
+    match sending.await {
+        Ok(response) => {
+            let mut out = HttpResponse::build(response.status());
+            let mut headers = response.headers().clone();
+            strip_hop_by_hop(&mut headers);
+            let length = headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            for (name, value) in &headers {
+                out.append_header((name.clone(), value.clone()));
+            }
+            match length {
+                Some(n) => out.body(SizedStream::new(n, response)),
+                None => out.body(BodyStream::new(response)),
+            }
+        }
+        Err(e) => {
+            HttpResponse::from(ProxyError::from_send(&e, local.app.to_string()).to_response())
+        }
+    }
+}
+
+/// Binds the inbound listener from the policy (before the servers start, so a taken port fails start-up).
+pub fn bind(mesh: &Mesh) -> anyhow::Result<Option<(TcpListener, SocketAddr)>> {
+    let Some(inbound) = &mesh.inbound else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(inbound.listen)
+        .with_context(|| format!("mesh.inbound.listen: cannot bind {}", inbound.listen))?;
+    let addr = listener.local_addr()?;
+    Ok(Some((listener, addr)))
+}
