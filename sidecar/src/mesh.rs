@@ -233,3 +233,94 @@ pub fn bind(mesh: &Mesh) -> anyhow::Result<Option<(TcpListener, SocketAddr)>> {
     let addr = listener.local_addr()?;
     Ok(Some((listener, addr)))
 }
+
+/// The client side of the mesh hop: this sidecar's certificate, the mesh CA, and a verifier that accepts a
+/// server only when its certificate chains to the mesh CA and names exactly `expected` (a SPIFFE id), whatever
+/// address it was reached at.
+pub fn client_config(mesh: &Mesh, expected: String) -> anyhow::Result<rustls::ClientConfig> {
+    let roots = Arc::new(read_roots(&mesh.ca)?);
+    let (chain, key) = read_identity(mesh)?;
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let verifier = Arc::new(SpiffeVerifier {
+        roots,
+        expected,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let versions: &[&rustls::SupportedProtocolVersion] = if mesh.tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut config = rustls::ClientConfig::builder_with_protocol_versions(versions)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .context("the mesh certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Verifies a peer sidecar: the chain to the mesh CA (as webpki does for any server), then the SPIFFE
+/// identity instead of a DNS name.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    expected: String,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        match spiffe_identity(end_entity.as_ref()) {
+            Some(id) if id == self.expected => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            Some(id) => Err(rustls::Error::General(format!(
+                "the peer is {id}, not {}",
+                self.expected
+            ))),
+            None => Err(rustls::Error::General(
+                "the peer certificate has no SPIFFE identity".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

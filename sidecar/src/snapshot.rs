@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub dispatch_targets: Arc<Authorities>,
     /// DNS servers for discovery; empty: the system's.
     pub nameservers: Vec<std::net::SocketAddr>,
+    /// This sidecar's mesh identity and certificates, for calls to `mesh: true` services.
+    pub mesh: Option<Arc<crate::policy::Mesh>>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -327,6 +329,7 @@ impl Snapshot {
             external: self.external.clone(),
             dispatch_targets: self.dispatch_targets.clone(),
             nameservers: self.nameservers.clone(),
+            mesh: self.mesh.clone(),
         }
     }
 
@@ -372,6 +375,7 @@ impl Snapshot {
             external: authorities(previous.map(|p| &p.external), "external"),
             dispatch_targets: authorities(previous.map(|p| &p.dispatch_targets), "dispatch"),
             nameservers: policy.nameservers.clone(),
+            mesh: policy.mesh.clone().map(Arc::new),
             dispatch: policy.dispatch.clone(),
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,

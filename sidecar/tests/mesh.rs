@@ -214,3 +214,68 @@ async fn curl_with_a_mesh_certificate_is_a_peer_too() {
     );
     sidecar.stop().await;
 }
+
+impl Pki {
+    /// A sidecar's `mesh` section for `identity`, without an inbound listener.
+    fn outbound_policy(&self, identity: &str, services: &str) -> String {
+        let (cert, key) = self.issue(identity, Validity::default());
+        format!(
+            "mesh:\n  trust_domain: {DOMAIN}\n  identity: {identity}\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\nservices:\n{services}",
+            self.dir.join("ca.pem").display(),
+            cert.display(),
+            key.display()
+        )
+    }
+}
+
+#[actix_rt::test]
+async fn an_app_calls_a_peer_service_through_both_sidecars_over_mtls() {
+    let pki = Pki::new("hop");
+    let app = RawUpstream::ok().await;
+    // The orders side: its sidecar's inbound listener in front of its app.
+    let orders = Sidecar::start(&pki.policy(app.addr));
+    let inbound = orders.inbound.expect("an inbound listener");
+    // The payments side: its app calls `orders` through its own sidecar.
+    let payments = Sidecar::start(&pki.outbound_policy(
+        "payments",
+        &format!(
+            "  orders:\n    mesh: true\n    endpoints: ['{inbound}']\n  impostor:\n    mesh: true\n    endpoints: ['{inbound}']\n    retries:\n      max_retries: 0\n"
+        ),
+    ));
+    for _ in 0..3 {
+        let reply = support::get(
+            payments.addr,
+            "/pay",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let seen = app.wait_for(3).await;
+    assert!(
+        seen.iter()
+            .all(|r| r.header("x-sidecar-peer-identity")
+                == Some("spiffe://mesh.test/service/payments")),
+        "the app sees who called"
+    );
+
+    // A service whose endpoint presents another identity is refused before any byte is sent.
+    let reply = support::get(
+        payments.addr,
+        "/pay",
+        &[("target", "impostor"), ("internal", "true")],
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.header("x-sidecar-error"), Some("upstream-tls-error"));
+    assert!(
+        reply
+            .text()
+            .contains("not spiffe://mesh.test/service/impostor"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(app.received().len(), 3);
+    payments.stop().await;
+    orders.stop().await;
+}

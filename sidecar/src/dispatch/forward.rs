@@ -63,6 +63,10 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub struct Forwarder {
     snapshot: SharedSnapshot,
     client: awc::Client,
+    /// Pool settings, for the mesh clients built on first use.
+    settings: Option<crate::policy::UpstreamSettings>,
+    /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
+    mesh_clients: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
     instruments: Instruments,
     sampler: Sampler,
 }
@@ -78,9 +82,48 @@ impl Forwarder {
         Self {
             snapshot,
             client,
+            settings: None,
+            mesh_clients: std::cell::RefCell::default(),
             instruments: Instruments::default(),
             sampler: Sampler::default(),
         }
+    }
+
+    /// The pool settings for clients this forwarder builds later (the mesh's).
+    pub fn with_settings(mut self, settings: crate::policy::UpstreamSettings) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// The client for a plan: the shared one, or the mesh client that verifies the service's identity.
+    fn client_for(&self, plan: &Plan) -> Result<awc::Client, ProxyError> {
+        let Some((service, mesh)) = &plan.mesh else {
+            return Ok(self.client.clone());
+        };
+        if let Some(c) = self.mesh_clients.borrow().get(service) {
+            return Ok(c.clone());
+        }
+        let expected = crate::certs::spiffe_id(&mesh.trust_domain, service);
+        let config = crate::mesh::client_config(mesh, expected).map_err(|e| {
+            ProxyError::new(Cause::UpstreamTls, service.to_string(), format!("{e:#}"))
+        })?;
+        let settings = self
+            .settings
+            .clone()
+            .unwrap_or_else(|| crate::policy::UpstreamSettings {
+                timeouts: crate::policy::Timeouts {
+                    connect: Duration::from_secs(5),
+                    request: Duration::from_secs(15),
+                },
+                idle_timeout: Duration::from_secs(4),
+                max_connections: 0,
+                resilience: crate::policy::resilience::Resilience::default(),
+            });
+        let client = super::client::build(&settings, Arc::new(config));
+        self.mesh_clients
+            .borrow_mut()
+            .insert(service.clone(), client.clone());
+        Ok(client)
     }
 
     /// Handles one app request. Never fails: errors become responses.
@@ -230,7 +273,14 @@ impl Forwarder {
                 }
                 _ => None,
             };
+            let mesh = match &upstreams {
+                Upstreams::Service(s) if s.policy.mesh => {
+                    snapshot.mesh.clone().map(|m| (s.name.clone(), m))
+                }
+                _ => None,
+            };
             let plan = Plan {
+                mesh,
                 hash,
                 host_patched: route.patch.iter().any(|(name, _)| name == HOST),
                 upstreams,
@@ -290,6 +340,7 @@ impl Forwarder {
             budget.deposit();
         }
 
+        let client = self.client_for(&plan)?;
         let mut body = Body::read(framing, payload, retries, plan.deadline, labels).await?;
         let mut request: Option<(usize, FrozenClientRequest)> = None;
         let mut headers = Some(headers);
@@ -317,7 +368,7 @@ impl Forwarder {
                     let uri = upstream.uri_for(&head.uri).map_err(|why| {
                         ProxyError::new(Cause::BadTarget, upstream.to_string(), why)
                     })?;
-                    let mut builder = self.client.request(method.clone(), uri).no_decompress();
+                    let mut builder = client.request(method.clone(), uri).no_decompress();
                     *builder.headers_mut() = map;
                     builder.freeze().map_err(|e| {
                         ProxyError::new(Cause::BadTarget, upstream.to_string(), e.to_string())
@@ -588,6 +639,8 @@ struct Plan {
     host_patched: bool,
     /// The request's consistent-hashing key.
     hash: Option<u64>,
+    /// For a `mesh: true` service: its name and this sidecar's mesh settings.
+    mesh: Option<(Arc<str>, Arc<crate::policy::Mesh>)>,
 }
 
 enum Upstreams {

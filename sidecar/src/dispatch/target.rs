@@ -93,6 +93,14 @@ impl Upstream {
         })
     }
 
+    /// The same endpoint reached over TLS (a peer sidecar's inbound listener).
+    pub fn into_https(self) -> Self {
+        Self {
+            scheme: Scheme::HTTPS,
+            ..self
+        }
+    }
+
     pub fn authority(&self) -> &Authority {
         &self.authority
     }

@@ -120,6 +120,8 @@ pub struct ServicePolicy {
     pub discovery: Option<Discovery>,
     /// Active health checks of the endpoints.
     pub health_check: Option<HealthCheck>,
+    /// The endpoints are peer sidecars: reached over mTLS, and each must prove it is this service.
+    pub mesh: bool,
 }
 
 /// An active HTTP health check: `GET path` on each endpoint every `interval`.

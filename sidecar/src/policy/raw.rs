@@ -186,6 +186,8 @@ struct RawService {
     outlier_detection: Option<RawOutliers>,
     discovery: Option<RawDiscovery>,
     health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    mesh: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -429,8 +431,16 @@ impl RawPolicy {
                 ));
             }
             let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+            if raw.mesh && self.mesh.is_none() {
+                issues.push(Issue::new(
+                    &file,
+                    format!("{field}.mesh"),
+                    "needs the top-level `mesh` section (this sidecar's identity and certificates)",
+                ));
+            }
             for (i, e) in raw.endpoints.iter().enumerate() {
                 match Upstream::parse_endpoint(e) {
+                    Ok(u) if raw.mesh => endpoints.push(u.into_https()),
                     Ok(u) => endpoints.push(u),
                     Err(why) => issues.push(Issue::new(
                         &file,
@@ -474,6 +484,7 @@ impl RawPolicy {
                     resilience: service_resilience,
                     discovery,
                     health_check,
+                    mesh: raw.mesh,
                 },
             );
         }
