@@ -121,6 +121,7 @@ fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
 struct Local {
     app: Upstream,
     timeout: std::time::Duration,
+    authorization: Option<Vec<crate::policy::AllowRule>>,
 }
 
 /// Builds the inbound server on a pre-bound listener.
@@ -137,6 +138,7 @@ pub fn server(
     let local = Local {
         app: inbound.app.clone(),
         timeout: inbound.request_timeout,
+        authorization: inbound.authorization.clone(),
     };
     let settings = upstream.clone();
     let tls = crate::dispatch::client::tls_config();
@@ -174,6 +176,19 @@ async fn forward(
             "the peer certificate has no SPIFFE identity (one spiffe:// URI SAN)",
         );
     };
+    if let Some(rules) = &local.authorization {
+        let peer = identity.to_str().unwrap_or_default();
+        let (method, path) = (req.method().as_str(), req.path());
+        if !rules.iter().any(|r| r.allows(peer, method, path)) {
+            tracing::warn!(
+                peer,
+                method,
+                path,
+                "mesh request denied: no authorization rule allows it"
+            );
+            return refuse(Cause::Forbidden, &format!("{peer} may not {method} {path}"));
+        }
+    }
     let Ok(uri) = local.app.uri_for(req.uri()) else {
         return refuse(
             Cause::BadTarget,

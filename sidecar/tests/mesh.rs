@@ -84,11 +84,22 @@ fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> TlsConnector {
 
 /// One GET over TLS: the response status, or the error that ended the exchange.
 async fn call(tls: &TlsConnector, addr: SocketAddr, extra: &str) -> Result<u16, String> {
+    call_to(tls, addr, "GET /hello", extra).await
+}
+
+/// One request (`"METHOD /path"`) over TLS.
+async fn call_to(
+    tls: &TlsConnector,
+    addr: SocketAddr,
+    line: &str,
+    extra: &str,
+) -> Result<u16, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::IpAddress(addr.ip().into());
     let mut stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let request =
-        format!("GET /hello HTTP/1.1\r\nhost: orders\r\n{extra}connection: close\r\n\r\n");
+    let request = format!(
+        "{line} HTTP/1.1\r\nhost: orders\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n"
+    );
     stream
         .write_all(request.as_bytes())
         .await
@@ -278,4 +289,44 @@ async fn an_app_calls_a_peer_service_through_both_sidecars_over_mtls() {
     assert_eq!(app.received().len(), 3);
     payments.stop().await;
     orders.stop().await;
+}
+
+#[actix_rt::test]
+async fn authorization_allows_what_is_written_and_denies_the_rest() {
+    let pki = Pki::new("authz");
+    let app = RawUpstream::ok().await;
+    let policy = pki.policy(app.addr)
+        + "    authorization:\n      - from: [payments]\n        methods: [GET]\n        paths: ['/orders/*']\n      - from: ['spiffe://mesh.test/service/admin']\n";
+    let sidecar = Sidecar::start(&policy);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let ca = pki.dir.join("ca.pem");
+    let as_peer = |name: &str| {
+        let (cert, key) = pki.issue(name, Validity::default());
+        connector(&ca, Some((&cert, &key)))
+    };
+    let (payments, inventory, admin) =
+        (as_peer("payments"), as_peer("inventory"), as_peer("admin"));
+    assert_eq!(
+        call_to(&payments, inbound, "GET /orders/7", "").await,
+        Ok(200)
+    );
+    assert_eq!(
+        call_to(&payments, inbound, "POST /orders/7", "").await,
+        Ok(403)
+    );
+    assert_eq!(call_to(&payments, inbound, "GET /admin", "").await, Ok(403));
+    assert_eq!(
+        call_to(&inventory, inbound, "GET /orders/7", "").await,
+        Ok(403)
+    );
+    assert_eq!(
+        call_to(&admin, inbound, "DELETE /anything", "").await,
+        Ok(200)
+    );
+    assert_eq!(
+        app.received().len(),
+        2,
+        "denied requests never reach the app"
+    );
+    sidecar.stop().await;
 }

@@ -68,6 +68,33 @@ pub struct Inbound {
     pub listen: SocketAddr,
     pub app: Upstream,
     pub request_timeout: Duration,
+    /// Allow rules: once there is one, a request no rule allows is denied (403 `forbidden`).
+    pub authorization: Option<Vec<AllowRule>>,
+}
+
+/// Who may call which methods and paths of the local app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    /// SPIFFE ids (a bare service name means `spiffe://<trust_domain>/service/<name>`); `*` is any peer.
+    pub from: Vec<String>,
+    /// Methods allowed; empty: any.
+    pub methods: Vec<String>,
+    /// Paths allowed: exact, or a prefix ending in `*`; empty: any.
+    pub paths: Vec<String>,
+}
+
+impl AllowRule {
+    pub fn allows(&self, peer: &str, method: &str, path: &str) -> bool {
+        let from = self.from.iter().any(|f| f == "*" || f == peer);
+        let method =
+            self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
+        let path = self.paths.is_empty()
+            || self.paths.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => p == path,
+            });
+        from && method && path
+    }
 }
 
 /// Listener addresses, the worker count and limits of the egress listener.

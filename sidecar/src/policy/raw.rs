@@ -11,7 +11,7 @@ use super::resilience::{
 };
 use super::seed::RawDispatch;
 use super::{
-    Discovery, DiscoverySource, HealthCheck, Inbound, Issue, Listeners, Mesh, Policy,
+    AllowRule, Discovery, DiscoverySource, HealthCheck, Inbound, Issue, Listeners, Mesh, Policy,
     ServicePolicy, Timeouts, UpstreamSettings, duration, units,
 };
 use crate::access_log::AccessLogPolicy;
@@ -76,6 +76,18 @@ struct RawInbound {
     app: Option<String>,
     #[serde(default, with = "duration::serde_opt")]
     request_timeout: Option<Duration>,
+    authorization: Option<Vec<RawAllow>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    #[serde(default)]
+    from: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -771,10 +783,50 @@ fn validate_mesh(
                     return None;
                 }
             };
+            let authorization = i.authorization.as_ref().map(|rules| {
+                rules
+                    .iter()
+                    .enumerate()
+                    .map(|(n, r)| {
+                        if r.from.is_empty() {
+                            issues.push(Issue::new(
+                                file,
+                                format!("mesh.inbound.authorization[{n}].from"),
+                                "must name at least one peer (a service, a spiffe:// id, or `*`)",
+                            ));
+                        }
+                        for (k, p) in r.paths.iter().enumerate() {
+                            if !p.starts_with('/') {
+                                issues.push(Issue::new(
+                                    file,
+                                    format!("mesh.inbound.authorization[{n}].paths[{k}]"),
+                                    format!("must start with '/', got {p:?}"),
+                                ));
+                            }
+                        }
+                        AllowRule {
+                            from: r
+                                .from
+                                .iter()
+                                .map(|f| {
+                                    if f == "*" || f.starts_with("spiffe://") {
+                                        f.clone()
+                                    } else {
+                                        crate::certs::spiffe_id(&trust_domain, f)
+                                    }
+                                })
+                                .collect(),
+                            methods: r.methods.clone(),
+                            paths: r.paths.clone(),
+                        }
+                    })
+                    .collect()
+            });
             Some(Inbound {
                 listen,
                 app,
                 request_timeout: i.request_timeout.unwrap_or(request_timeout),
+                authorization,
             })
         }
     };
