@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::prelude::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 use hickory_resolver::TokioResolver;
@@ -65,8 +65,8 @@ struct Source {
     due: Instant,
     resolving: bool,
     last_good: Option<Vec<Upstream>>,
-    /// A hosts file's modification time and length when last read.
-    stamp: Option<(SystemTime, u64)>,
+    /// A hosts file's contents when last read well.
+    stamp: Option<String>,
 }
 
 impl Discovery {
@@ -201,27 +201,29 @@ impl Discovery {
         let Some(source) = self.sources.get_mut(service) else {
             return;
         };
-        let stamp = std::fs::metadata(path)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
-        if stamp.is_some() && stamp == source.stamp {
+        // Compared by content, not by modification time and size: a replacement of the same length written
+        // within the file system's timestamp tick would otherwise go unseen. Hosts files are small.
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                source.stamp = None;
+                self.failed(service, &format!("cannot read {}: {e}", path.display()));
+                return;
+            }
+        };
+        if source.stamp.as_deref() == Some(text.as_str()) {
             return;
         }
-        let read = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
-            .and_then(|text| {
-                parse_hosts_file(&text).map_err(|e| format!("{}: {e}", path.display()))
-            });
-        match read {
+        match parse_hosts_file(&text) {
             Ok(endpoints) => {
-                source.stamp = stamp;
+                source.stamp = Some(text);
                 source.last_good = Some(endpoints.clone());
                 self.publish(service, &endpoints, true);
             }
             Err(e) => {
                 // A half-written file is read again on the next tick; the last good set serves meanwhile.
                 source.stamp = None;
-                self.failed(service, &e);
+                self.failed(service, &format!("{}: {e}", path.display()));
             }
         }
     }
