@@ -390,7 +390,7 @@ impl Forwarder {
                     // Each attempt is its own span: the upstream sees it as its parent.
                     let mut extra = HeaderMap::new();
                     traces::inject(cx, &mut extra);
-                    body.send_with(frozen.extra_headers(extra))
+                    body.send(frozen.extra_headers(extra))
                 }
                 None => body.send(&frozen),
             };
@@ -791,45 +791,54 @@ impl Body {
         )
     }
 
-    /// As [`Body::send`], with extra headers for this attempt (its `traceparent`).
-    fn send_with(&mut self, request: awc::FrozenSendBuilder) -> awc::SendClientRequest {
+    /// Sends the request with this body; a streamed body goes with its first attempt.
+    fn send(&mut self, request: impl Sender) -> awc::SendClientRequest {
         match self {
-            Body::None => request.send_body(body::None::new()),
-            Body::Empty => request.send_body(()),
-            Body::Replay(bytes) => request.send_body(bytes.clone()),
-            Body::ReplayChunked(bytes) => request.send_stream(stream::once(std::future::ready(
-                Ok::<_, PayloadError>(bytes.clone()),
-            ))),
+            // `send()` would add `content-length: 0` to every GET.
+            Body::None => request.body(body::None::new()),
+            Body::Empty => request.body(()),
+            Body::Replay(bytes) => request.body(bytes.clone()),
+            Body::ReplayChunked(bytes) => {
+                request.stream(Box::pin(stream::once(std::future::ready(Ok::<
+                    _,
+                    PayloadError,
+                >(
+                    bytes.clone()
+                )))))
+            }
             Body::Sized(n, payload) => match payload.take() {
-                Some(p) => request.send_body(SizedStream::new(*n, p)),
-                None => request.send_body(()),
+                Some(p) => request.body(SizedStream::new(*n, p)),
+                None => request.body(()),
             },
             Body::Stream(stream) => match stream.take() {
-                Some(s) => request.send_stream(s),
-                None => request.send_body(()),
+                Some(s) => request.stream(s),
+                None => request.body(()),
             },
         }
     }
+}
 
-    /// Sends the request with this body; a streamed body goes with its first attempt.
-    fn send(&mut self, request: &FrozenClientRequest) -> awc::SendClientRequest {
-        match self {
-            // `send()` would add `content-length: 0` to every GET.
-            Body::None => request.send_body(body::None::new()),
-            Body::Empty => request.send_body(()),
-            Body::Replay(bytes) => request.send_body(bytes.clone()),
-            Body::ReplayChunked(bytes) => request.send_stream(stream::once(std::future::ready(
-                Ok::<_, PayloadError>(bytes.clone()),
-            ))),
-            Body::Sized(n, payload) => match payload.take() {
-                Some(p) => request.send_body(SizedStream::new(*n, p)),
-                None => request.send_body(()),
-            },
-            Body::Stream(stream) => match stream.take() {
-                Some(s) => request.send_stream(s),
-                None => request.send_body(()),
-            },
-        }
+/// What a body is sent with: the frozen request as it is, or with this attempt's extra headers.
+trait Sender {
+    fn body(self, body: impl MessageBody + 'static) -> awc::SendClientRequest;
+    fn stream(self, stream: BoxedPayload) -> awc::SendClientRequest;
+}
+
+impl Sender for &FrozenClientRequest {
+    fn body(self, body: impl MessageBody + 'static) -> awc::SendClientRequest {
+        self.send_body(body)
+    }
+    fn stream(self, stream: BoxedPayload) -> awc::SendClientRequest {
+        self.send_stream(stream)
+    }
+}
+
+impl Sender for awc::FrozenSendBuilder {
+    fn body(self, body: impl MessageBody + 'static) -> awc::SendClientRequest {
+        self.send_body(body)
+    }
+    fn stream(self, stream: BoxedPayload) -> awc::SendClientRequest {
+        self.send_stream(stream)
     }
 }
 
