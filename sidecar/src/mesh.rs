@@ -8,18 +8,21 @@
 
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
 use std::sync::Arc;
 
-use actix_http::body::{BodyStream, SizedStream};
-use actix_http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use actix_http::body::{self, BodySize, EitherBody, SizedStream};
+use actix_http::header::{HOST, HeaderName, HeaderValue};
+use actix_http::{Request, Response};
+use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::dispatch::headers::{strip_hop_by_hop, strip_request};
+use crate::dispatch::forward::{ProxyBody, relay, request_body};
+use crate::dispatch::headers::strip_request;
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Mesh, UpstreamSettings};
@@ -39,17 +42,20 @@ pub fn server_config(mesh: &Mesh) -> anyhow::Result<rustls::ServerConfig> {
         .build()
         .context("the mesh CA cannot verify client certificates")?;
     let (chain, key) = read_identity(mesh)?;
-    let versions: &[&rustls::SupportedProtocolVersion] = if mesh.tls12 {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13]
-    };
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions)
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions(mesh))
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .context("the mesh certificate and key do not match")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// TLS 1.3 only, unless the mesh also allows 1.2.
+fn versions(mesh: &Mesh) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static WITH_TLS12: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    if mesh.tls12 { &WITH_TLS12 } else { &TLS13_ONLY }
 }
 
 fn read_roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
@@ -116,40 +122,46 @@ fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
     ));
 }
 
-/// Where inbound requests go: the local app.
-#[derive(Debug, Clone)]
+/// One worker's inbound forwarder: where requests go (the local app), and the worker's client to it.
 struct Local {
     app: Upstream,
     timeout: std::time::Duration,
     authorization: Option<Vec<crate::policy::AllowRule>>,
+    client: awc::Client,
 }
 
-/// Builds the inbound server on a pre-bound listener.
+/// Builds the inbound server on a pre-bound listener. Like the egress listener it serves a raw `actix_http`
+/// service, so the peer's header maps are moved to the app and back, never copied.
 pub fn server(
     mesh: &Mesh,
     upstream: &UpstreamSettings,
     listener: TcpListener,
     workers: usize,
 ) -> anyhow::Result<Server> {
-    let Some(inbound) = &mesh.inbound else {
+    let Some(inbound) = mesh.inbound.clone() else {
         anyhow::bail!("mesh.inbound is not configured");
     };
     let config = server_config(mesh)?;
-    let local = Local {
-        app: inbound.app.clone(),
-        timeout: inbound.request_timeout,
-        authorization: inbound.authorization.clone(),
-    };
     let settings = upstream.clone();
     let tls = crate::dispatch::client::tls_config();
     let server = HttpServer::new(move || {
-        App::new()
-            .app_data(web::Data::new(local.clone()))
-            .app_data(web::Data::new(crate::dispatch::client::build(
-                &settings,
-                tls.clone(),
-            )))
-            .default_service(web::to(forward))
+        // Once per worker: the awc client is !Send and lives with its worker.
+        let local = Rc::new(Local {
+            app: inbound.app.clone(),
+            timeout: inbound.request_timeout,
+            authorization: inbound.authorization.clone(),
+            client: crate::dispatch::client::build(&settings, tls.clone()),
+        });
+        actix_service::fn_service(move |req: Request| {
+            let local = Rc::clone(&local);
+            async move {
+                let res = match local.forward(req).await {
+                    Ok(res) => res,
+                    Err(e) => e.to_response().map_body(|_, b| EitherBody::right(b)),
+                };
+                Ok::<_, actix_web::Error>(res)
+            }
+        })
     })
     .workers(workers)
     .disable_signals()
@@ -160,81 +172,63 @@ pub fn server(
     Ok(server)
 }
 
-/// Forwards one inbound request to the local app, with the peer's verified identity.
-async fn forward(
-    req: HttpRequest,
-    body: web::Payload,
-    local: web::Data<Local>,
-    client: web::Data<awc::Client>,
-) -> HttpResponse {
-    let refuse = |cause: Cause, detail: &str| {
-        HttpResponse::from(ProxyError::new(cause, local.app.to_string(), detail).to_response())
-    };
-    let Some(identity) = req.conn_data::<PeerIdentity>().and_then(|p| p.0.clone()) else {
-        return refuse(
-            Cause::Forbidden,
-            "the peer certificate has no SPIFFE identity (one spiffe:// URI SAN)",
-        );
-    };
-    if let Some(rules) = &local.authorization {
-        let peer = identity.to_str().unwrap_or_default();
-        let (method, path) = (req.method().as_str(), req.path());
-        if !rules.iter().any(|r| r.allows(peer, method, path)) {
-            tracing::warn!(
-                peer,
-                method,
-                path,
-                "mesh request denied: no authorization rule allows it"
-            );
-            return refuse(Cause::Forbidden, &format!("{peer} may not {method} {path}"));
-        }
-    }
-    let Ok(uri) = local.app.uri_for(req.uri()) else {
-        return refuse(
-            Cause::BadTarget,
-            "the request path cannot be joined to the app's address",
-        );
-    };
-    let mut headers = req.headers().clone();
-    strip_request(&mut headers);
-    headers.insert(PEER_IDENTITY, identity);
-    headers.insert(HOST, local.app.host_header().clone());
-    let length = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-    let mut request = client
-        .request(req.method().clone(), uri)
-        .timeout(local.timeout)
-        .no_decompress();
-    *request.headers_mut() = headers;
-    let sending = match (length, chunked) {
-        (_, true) => request.send_stream(body),
-        (Some(n), false) if n > 0 => request.send_body(SizedStream::new(n, body)),
-        (Some(_), false) => request.send_body(()),
-        (None, false) => request.send_body(actix_http::body::None::new()),
-    };
-    match sending.await {
-        Ok(response) => {
-            let mut out = HttpResponse::build(response.status());
-            let mut headers = response.headers().clone();
-            strip_hop_by_hop(&mut headers);
-            let length = headers
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            for (name, value) in &headers {
-                out.append_header((name.clone(), value.clone()));
-            }
-            match length {
-                Some(n) => out.body(SizedStream::new(n, response)),
-                None => out.body(BodyStream::new(response)),
+impl Local {
+    /// Forwards one inbound request to the local app, with the peer's verified identity.
+    async fn forward(&self, req: Request) -> Result<Response<ProxyBody>, ProxyError> {
+        let app = || self.app.to_string();
+        let identity = req
+            .conn_data::<PeerIdentity>()
+            .and_then(|p| p.0.clone())
+            .ok_or_else(|| {
+                ProxyError::new(
+                    Cause::Forbidden,
+                    app(),
+                    "the peer certificate has no SPIFFE identity (one spiffe:// URI SAN)",
+                )
+            })?;
+        let (mut head, payload) = req.into_parts();
+        if let Some(rules) = &self.authorization {
+            let peer = identity.to_str().unwrap_or_default();
+            let (method, path) = (head.method.as_str(), head.uri.path());
+            if !rules.iter().any(|r| r.allows(peer, method, path)) {
+                tracing::warn!(
+                    peer,
+                    method,
+                    path,
+                    "mesh request denied: no authorization rule allows it"
+                );
+                return Err(ProxyError::new(
+                    Cause::Forbidden,
+                    app(),
+                    format!("{peer} may not {method} {path}"),
+                ));
             }
         }
-        Err(e) => {
-            HttpResponse::from(ProxyError::from_send(&e, local.app.to_string()).to_response())
-        }
+        let uri = self
+            .app
+            .uri_for(&head.uri)
+            .map_err(|why| ProxyError::new(Cause::BadTarget, app(), why))?;
+        let framing = request_body(&head);
+        let mut headers = std::mem::take(&mut head.headers);
+        strip_request(&mut headers);
+        headers.insert(PEER_IDENTITY, identity);
+        headers.insert(HOST, self.app.host_header().clone());
+        let mut request = self
+            .client
+            .request(head.method.clone(), uri)
+            .timeout(self.timeout)
+            .no_decompress();
+        *request.headers_mut() = headers;
+        let sending = match framing {
+            BodySize::None => request.send_body(body::None::new()),
+            BodySize::Sized(0) => request.send_body(()),
+            BodySize::Sized(n) => request.send_body(SizedStream::new(n, payload)),
+            BodySize::Stream => request.send_stream(payload),
+        };
+        sending
+            .await
+            .map(relay)
+            .map_err(|e| ProxyError::from_send(&e, app()))
     }
 }
 
@@ -263,12 +257,7 @@ pub fn client_config(mesh: &Mesh, expected: String) -> anyhow::Result<rustls::Cl
         expected,
         algorithms: provider.signature_verification_algorithms,
     });
-    let versions: &[&rustls::SupportedProtocolVersion] = if mesh.tls12 {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13]
-    };
-    let mut config = rustls::ClientConfig::builder_with_protocol_versions(versions)
+    let mut config = rustls::ClientConfig::builder_with_protocol_versions(versions(mesh))
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)

@@ -897,7 +897,7 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
 }
 
 /// The framing of the app's request body, read before its headers are moved.
-fn request_body(head: &RequestHead) -> BodySize {
+pub(crate) fn request_body(head: &RequestHead) -> BodySize {
     if head
         .headers
         .contains_key(actix_http::header::TRANSFER_ENCODING)
@@ -917,7 +917,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Turns the upstream's response into the app's: status and end-to-end headers as they are (the header map is
 /// moved, not copied), the body streamed with the upstream's framing.
-fn relay(response: awc::ClientResponse) -> Response<ProxyBody> {
+pub(crate) fn relay(response: awc::ClientResponse) -> Response<ProxyBody> {
     let status = response.status();
     let mut headers = HeaderMap::new();
     let response = response.map_body(|head, payload: Payload<_>| {
