@@ -132,10 +132,11 @@ impl EgressFactory {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let server = HttpServer::new(move || {
             // Runs once per worker thread: the awc client is !Send and lives with its worker.
-            let forwarder = Rc::new(
-                Forwarder::new(snapshot.clone(), client::build(&upstream, tls.clone()))
-                    .with_settings(upstream.clone()),
-            );
+            let forwarder = Rc::new(Forwarder::new(
+                snapshot.clone(),
+                client::build(&upstream, tls.clone()),
+                upstream.clone(),
+            ));
             actix_service::fn_service(move |req: Request| {
                 let forwarder = Rc::clone(&forwarder);
                 async move { Ok::<_, actix_web::Error>(forwarder.handle(req).await) }

@@ -27,8 +27,9 @@ use crate::resilience::{Authorities, Target};
 /// The cell the request path reads and the control plane swaps.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
-/// Everything one request needs to be routed, consistent with itself.
-#[derive(Debug)]
+/// Everything one request needs to be routed, consistent with itself. Cloning shares every service and
+/// target (they are `Arc`s).
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The policy version this snapshot was built from (1 for the first).
     pub version: u64,
@@ -317,20 +318,9 @@ impl Service {
 impl Snapshot {
     /// This snapshot with one service replaced (discovery publishing a new endpoint set); the version stays.
     pub fn with_service(&self, name: &str, service: Arc<Service>) -> Self {
-        let mut services = self.services.clone();
-        services.insert(Box::from(name), service);
-        Self {
-            version: self.version,
-            services,
-            dispatch: self.dispatch.clone(),
-            request_timeout: self.request_timeout,
-            max_header_size: self.max_header_size,
-            access_log: self.access_log,
-            external: self.external.clone(),
-            dispatch_targets: self.dispatch_targets.clone(),
-            nameservers: self.nameservers.clone(),
-            mesh: self.mesh.clone(),
-        }
+        let mut next = self.clone();
+        next.services.insert(Box::from(name), service);
+        next
     }
 
     /// Every target's live state: services, URL authorities and dispatch destinations.

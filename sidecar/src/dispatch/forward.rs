@@ -64,7 +64,7 @@ pub struct Forwarder {
     snapshot: SharedSnapshot,
     client: awc::Client,
     /// Pool settings, for the mesh clients built on first use.
-    settings: Option<crate::policy::UpstreamSettings>,
+    settings: crate::policy::UpstreamSettings,
     /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
     mesh_clients: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
     instruments: Instruments,
@@ -78,21 +78,20 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(snapshot: SharedSnapshot, client: awc::Client) -> Self {
+    /// `settings` are the pool settings `client` was built with; the mesh clients are built with them too.
+    pub fn new(
+        snapshot: SharedSnapshot,
+        client: awc::Client,
+        settings: crate::policy::UpstreamSettings,
+    ) -> Self {
         Self {
             snapshot,
             client,
-            settings: None,
+            settings,
             mesh_clients: std::cell::RefCell::default(),
             instruments: Instruments::default(),
             sampler: Sampler::default(),
         }
-    }
-
-    /// The pool settings for clients this forwarder builds later (the mesh's).
-    pub fn with_settings(mut self, settings: crate::policy::UpstreamSettings) -> Self {
-        self.settings = Some(settings);
-        self
     }
 
     /// The client for a plan: the shared one, or the mesh client that verifies the service's identity.
@@ -107,19 +106,7 @@ impl Forwarder {
         let config = crate::mesh::client_config(mesh, expected).map_err(|e| {
             ProxyError::new(Cause::UpstreamTls, service.to_string(), format!("{e:#}"))
         })?;
-        let settings = self
-            .settings
-            .clone()
-            .unwrap_or_else(|| crate::policy::UpstreamSettings {
-                timeouts: crate::policy::Timeouts {
-                    connect: Duration::from_secs(5),
-                    request: Duration::from_secs(15),
-                },
-                idle_timeout: Duration::from_secs(4),
-                max_connections: 0,
-                resilience: crate::policy::resilience::Resilience::default(),
-            });
-        let client = super::client::build(&settings, Arc::new(config));
+        let client = super::client::build(&self.settings, Arc::new(config));
         self.mesh_clients
             .borrow_mut()
             .insert(service.clone(), client.clone());

@@ -222,13 +222,14 @@ impl RateLimit {
 
 /// A structured-field string's content: only printable ASCII, with `"` and `\` escaped.
 fn sf_string(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c => vec![c],
-        })
-        .collect()
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars().filter(|c| c.is_ascii_graphic() || *c == ' ') {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A keyed state store that holds at most `max_keys` keys; requests with further keys share one overflow
