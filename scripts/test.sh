@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests run: prometheus (server and promtool: the metrics tests), dnsmasq-base (a real
-# DNS server on loopback: the discovery tests) and curl (a TLS client of the mesh listener).
+# DNS server on loopback: the discovery tests), curl and openssl (TLS clients of the mesh listener).
 packages=()
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then packages+=(prometheus); fi
 if ! command -v dnsmasq >/dev/null && [[ ! -x /usr/sbin/dnsmasq ]]; then packages+=(dnsmasq-base); fi
 if ! command -v curl >/dev/null; then packages+=(curl); fi
+if ! command -v openssl >/dev/null; then packages+=(openssl); fi
 if ((${#packages[@]})); then
     echo "installing ${packages[*]} for the tests" >&2
     sudo=()

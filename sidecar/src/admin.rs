@@ -57,6 +57,15 @@ async fn targets(snapshot: web::Data<SharedSnapshot>) -> HttpResponse {
     HttpResponse::Ok().json(snapshot.load().targets())
 }
 
+/// The mesh certificates in use: identity, expiry, reloads; 404 when this sidecar is not in a mesh.
+async fn mesh(identity: web::Data<Option<Arc<crate::mesh::Identity>>>) -> HttpResponse {
+    match identity.as_ref() {
+        Some(identity) => HttpResponse::Ok().json(identity.state()),
+        None => HttpResponse::NotFound()
+            .json(serde_json::json!({ "error": "this sidecar has no mesh section" })),
+    }
+}
+
 async fn reload(handle: web::Data<PolicyHandle>) -> HttpResponse {
     match handle.reload("admin").await {
         Ok(report) if report.result == ReloadResult::Rejected => {
@@ -74,16 +83,19 @@ pub fn server(
     handle: PolicyHandle,
     draining: Draining,
     snapshot: SharedSnapshot,
+    identity: Option<Arc<crate::mesh::Identity>>,
     listener: TcpListener,
 ) -> std::io::Result<Server> {
     let (handle, draining) = (web::Data::new(handle), web::Data::new(draining));
-    let snapshot = web::Data::new(snapshot);
+    let (snapshot, identity) = (web::Data::new(snapshot), web::Data::new(identity));
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(handle.clone())
             .app_data(draining.clone())
             .app_data(snapshot.clone())
+            .app_data(identity.clone())
             .route("/admin/targets", web::get().to(targets))
+            .route("/admin/mesh", web::get().to(mesh))
             .route("/metrics", web::get().to(metrics))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))

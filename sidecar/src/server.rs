@@ -119,6 +119,7 @@ async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) 
 struct EgressFactory {
     snapshot: SharedSnapshot,
     tls: Arc<rustls::ClientConfig>,
+    identity: Option<Arc<crate::mesh::Identity>>,
 }
 
 impl EgressFactory {
@@ -130,12 +131,14 @@ impl EgressFactory {
         upstream: UpstreamSettings,
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
+        let identity = self.identity.clone();
         let server = HttpServer::new(move || {
             // Runs once per worker thread: the awc client is !Send and lives with its worker.
             let forwarder = Rc::new(Forwarder::new(
                 snapshot.clone(),
                 client::build(&upstream, tls.clone()),
                 upstream.clone(),
+                identity.clone(),
             ));
             actix_service::fn_service(move |req: Request| {
                 let forwarder = Rc::clone(&forwarder);
@@ -250,9 +253,10 @@ impl ListenerControl for Servers {
         {
             let (handle, draining) = (handle.clone(), self.draining.clone());
             let snapshot = self.egress_factory.snapshot.clone();
+            let identity = self.egress_factory.identity.clone();
             done.push(
                 slot.replace(&self.tasks, b.admin, true, |l| {
-                    crate::admin::server(handle, draining, snapshot, l)
+                    crate::admin::server(handle, draining, snapshot, identity, l)
                 })
                 .map(|()| format!("admin listener moved to {}", b.admin))
                 .map_err(|e| {
@@ -292,11 +296,22 @@ pub fn start(
         snapshot.clone(),
         &policy.upstream,
     ));
+    // The mesh certificates: read and checked now, so a bad file stops start-up with its reason; then watched.
+    let identity = match policy.mesh.as_ref() {
+        Some(mesh) => {
+            let identity = crate::mesh::Identity::load(mesh)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            actix::Actor::start(crate::mesh::CertWatcher(identity.clone()));
+            Some(identity)
+        }
+        None => None,
+    };
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
     let egress_factory = EgressFactory {
         snapshot: snapshot.clone(),
         tls: client::tls_config(),
+        identity: identity.clone(),
     };
     let (workers, drain_timeout, upstream) = (
         policy.listeners.workers,
@@ -315,8 +330,11 @@ pub fn start(
     let admin = match listeners.admin {
         Some(listener) => {
             let (h, d, s) = (handle.clone(), draining.clone(), snapshot.clone());
+            let i = identity.clone();
             Some((
-                Slot::start(&tasks, listener, true, |l| crate::admin::server(h, d, s, l))?,
+                Slot::start(&tasks, listener, true, |l| {
+                    crate::admin::server(h, d, s, i, l)
+                })?,
                 handle.clone(),
             ))
         }
@@ -324,13 +342,13 @@ pub fn start(
     };
     // The mesh's inbound listener: bound and configured now, so a bad certificate or a taken port stops
     // start-up with its reason.
-    let inbound = match policy.mesh.as_ref() {
-        Some(mesh) => match crate::mesh::bind(mesh).map_err(std::io::Error::other)? {
+    let inbound = match policy.mesh.as_ref().zip(identity.as_ref()) {
+        Some((mesh, identity)) => match crate::mesh::bind(mesh).map_err(std::io::Error::other)? {
             Some((listener, addr)) => {
                 let (m, upstream) = (mesh.clone(), policy.upstream.clone());
                 let workers = policy.listeners.workers;
                 Slot::start(&tasks, listener, false, |l| {
-                    crate::mesh::server(&m, &upstream, l, workers)
+                    crate::mesh::server(&m, identity, &upstream, l, workers)
                         .map_err(|e| std::io::Error::other(format!("{e:#}")))
                 })?;
                 tracing::info!(%addr, "mesh inbound listener (mTLS) ready");

@@ -97,6 +97,7 @@ fn describe() {
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
     crate::resilience::monitor::describe();
     crate::discovery::describe();
+    crate::mesh::describe();
     crate::health::describe();
     crate::traces::describe();
     metrics::describe_counter!(

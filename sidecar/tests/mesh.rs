@@ -330,3 +330,316 @@ async fn authorization_allows_what_is_written_and_denies_the_rest() {
     );
     sidecar.stop().await;
 }
+
+/// Writes `contents` to `path` the way operators and cert-manager do: a new file renamed over the old one.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The sidecar's `/admin/mesh` state.
+async fn mesh_state(sidecar: &Sidecar) -> serde_json::Value {
+    let reply = support::get(sidecar.admin, "/admin/mesh", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+/// Polls `/admin/mesh` until `ready` holds of it (at most 10 s: the files are re-read every second).
+async fn until_mesh(sidecar: &Sidecar, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let state = mesh_state(sidecar).await;
+        if ready(&state) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s; /admin/mesh says {state}"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The serial of the certificate a new TLS connection to `addr` is shown (a resumed session shows the one of
+/// the session it resumes).
+async fn served_serial(tls: &TlsConnector, addr: SocketAddr) -> String {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = tls
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let der = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    cert.raw_serial_as_string()
+}
+
+fn serial(state: &serde_json::Value) -> String {
+    state["certificate"]["serial"].as_str().unwrap().to_string()
+}
+
+#[actix_rt::test]
+async fn certificates_and_the_ca_rotate_during_traffic_with_no_failed_request() {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    let pki = Pki::new("rotate");
+    let app = RawUpstream::ok().await;
+    let orders = Sidecar::start(&pki.policy(app.addr));
+    let inbound = orders.inbound.expect("an inbound listener");
+    let payments = Sidecar::start(&pki.outbound_policy(
+        "payments",
+        &format!("  orders:\n    mesh: true\n    endpoints: ['{inbound}']\n"),
+    ));
+    let ca_path = pki.dir.join("ca.pem");
+    let old_serial = serial(&mesh_state(&orders).await);
+
+    // Traffic the whole time: the app's calls through both sidecars, and a new direct mTLS connection to the
+    // orders sidecar each time (a new handshake, so it meets whatever certificate is current).
+    let (stop, done, failures) = (
+        Rc::new(Cell::new(false)),
+        Rc::new(Cell::new(0usize)),
+        Rc::new(RefCell::new(Vec::<String>::new())),
+    );
+    let traffic = {
+        let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
+        let (payments_addr, ca_path) = (payments.addr, ca_path.clone());
+        let (peer_cert, peer_key) = pki.issue("inventory", Validity::default());
+        actix_rt::spawn(async move {
+            while !stop.get() {
+                let reply = support::get(
+                    payments_addr,
+                    "/pay",
+                    &[("target", "orders"), ("internal", "true")],
+                )
+                .await;
+                if reply.status != 200 {
+                    failures
+                        .borrow_mut()
+                        .push(format!("via the sidecars: {}", reply.text()));
+                }
+                let direct = connector(&ca_path, Some((&peer_cert, &peer_key)));
+                match call(&direct, inbound, "").await {
+                    Ok(200) => {}
+                    other => failures.borrow_mut().push(format!("direct: {other:?}")),
+                }
+                done.set(done.get() + 1);
+            }
+        })
+    };
+    let until_done = |n: usize| {
+        let done = done.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while done.get() < n {
+                assert!(std::time::Instant::now() < deadline, "traffic stalled");
+                actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    until_done(20).await;
+
+    // 1. The new CA joins the bundle everywhere.
+    let new_ca = Ca::generate(DOMAIN, Validity::default()).unwrap();
+    replace(&ca_path, &format!("{}{}", pki.ca.cert_pem, new_ca.cert_pem));
+    for sidecar in [&orders, &payments] {
+        until_mesh(sidecar, "the new CA trusted", |s| {
+            s["ca"].as_array().unwrap().len() == 2
+        })
+        .await;
+    }
+
+    // 2. Each sidecar gets a certificate from the new CA: key first, then certificate, so for a moment the
+    //    two do not match and the old pair keeps serving.
+    let rotate = |service: &str| {
+        let (chain, key) = new_ca.issue(DOMAIN, service, Validity::default()).unwrap();
+        replace(&pki.dir.join(format!("{service}-key.pem")), &key);
+        replace(&pki.dir.join(format!("{service}.pem")), &chain);
+    };
+    rotate("orders");
+    until_mesh(&orders, "the new orders certificate in use", |s| {
+        serial(s) != old_serial
+    })
+    .await;
+    rotate("payments");
+    until_mesh(&payments, "the new payments certificate in use", |s| {
+        s["reloads"]["applied"].as_u64() == Some(2)
+    })
+    .await;
+    let now = done.get();
+    until_done(now + 20).await;
+
+    // New connections from the payments sidecar now present its new certificate and verify the new one of
+    // orders: a burst opens more than the pool holds.
+    let burst = (0..8).map(|_| {
+        support::get(
+            payments.addr,
+            "/pay",
+            &[("target", "orders"), ("internal", "true")],
+        )
+    });
+    for reply in futures_util::future::join_all(burst).await {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    stop.set(true);
+    traffic.await.unwrap();
+
+    let failures = failures.take();
+    assert!(
+        failures.is_empty(),
+        "{} of {} rounds failed: {:?}",
+        failures.len(),
+        done.get(),
+        &failures[..failures.len().min(5)]
+    );
+    let fresh = connector(
+        &ca_path,
+        Some((
+            &pki.dir.join("payments.pem"),
+            &pki.dir.join("payments-key.pem"),
+        )),
+    );
+    assert_eq!(
+        served_serial(&fresh, inbound).await,
+        serial(&mesh_state(&orders).await),
+        "a new connection is shown the new certificate"
+    );
+    payments.stop().await;
+    orders.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_half_written_certificate_keeps_the_old_one_serving() {
+    let pki = Pki::new("half");
+    let app = RawUpstream::ok().await;
+    let orders = Sidecar::start(&pki.policy(app.addr));
+    let inbound = orders.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let tls = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+    let state = mesh_state(&orders).await;
+    let old_serial = serial(&state);
+    let year = 365 * 86_400;
+    let expires = state["expires_in_seconds"].as_i64().unwrap();
+    assert!((year - 2 * 86_400..=year).contains(&expires), "{state}");
+
+    // A new key in place, and its certificate only half written.
+    let (chain, new_key) = pki.ca.issue(DOMAIN, "orders", Validity::default()).unwrap();
+    let (cert_path, key_path) = (pki.dir.join("orders.pem"), pki.dir.join("orders-key.pem"));
+    replace(&key_path, &new_key);
+    std::fs::write(&cert_path, &chain[..chain.len() / 2]).unwrap();
+    until_mesh(&orders, "the half-written file noticed", |s| {
+        s["reloads"]["pending_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("mesh.cert"))
+    })
+    .await;
+    assert_eq!(serial(&mesh_state(&orders).await), old_serial);
+    assert_eq!(call(&tls, inbound, "").await, Ok(200));
+    assert_eq!(served_serial(&tls, inbound).await, old_serial);
+
+    // The rest of the file arrives: the new pair is used.
+    std::fs::write(&cert_path, &chain).unwrap();
+    until_mesh(&orders, "the completed file used", |s| {
+        serial(s) != old_serial && s["reloads"]["pending_error"].is_null()
+    })
+    .await;
+    assert_eq!(call(&tls, inbound, "").await, Ok(200));
+    // A new client: one that resumes an earlier TLS session is not shown a certificate again.
+    let fresh = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+    assert_ne!(served_serial(&fresh, inbound).await, old_serial);
+
+    // Expiry and reloads are metrics too.
+    let metrics = support::get(orders.admin, "/metrics", &[]).await.text();
+    let line = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+            .to_string()
+    };
+    let expiry: f64 = line("sidecar_mesh_certificate_expiry_seconds{certificate=\"identity\"}")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(expiry > (year - 2 * 86_400) as f64 && expiry <= year as f64);
+    line("sidecar_mesh_certificate_reloads_total{result=\"rejected\"}");
+    line("sidecar_mesh_certificate_reloads_total{result=\"applied\"}");
+    orders.stop().await;
+}
+
+#[actix_rt::test]
+async fn openssl_s_client_with_a_mesh_certificate_is_a_peer_and_without_one_is_not() {
+    let pki = Pki::new("openssl");
+    let app = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(&pki.policy(app.addr));
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let ca = pki.dir.join("ca.pem");
+    let s_client = |extra: Vec<String>| {
+        let (ca, connect) = (ca.clone(), format!("127.0.0.1:{}", inbound.port()));
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = std::process::Command::new("timeout")
+                .args([
+                    "10",
+                    "openssl",
+                    "s_client",
+                    "-quiet",
+                    "-verify_return_error",
+                ])
+                .arg("-connect")
+                .arg(&connect)
+                .arg("-CAfile")
+                .arg(&ca)
+                .args(&extra)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("openssl (Debian's openssl package)");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(
+                    b"GET /from-openssl HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n",
+                )
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let with_cert = vec![
+        "-cert".to_string(),
+        cert.display().to_string(),
+        "-key".to_string(),
+        key.display().to_string(),
+    ];
+    let (out, err) = s_client(with_cert.clone()).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "stdout: {out}\nstderr: {err}"
+    );
+    assert_eq!(
+        app.wait_for(1).await[0].header("x-sidecar-peer-identity"),
+        Some("spiffe://mesh.test/service/payments")
+    );
+
+    // No client certificate: the server's alert, no HTTP.
+    let (out, err) = s_client(Vec::new()).await.unwrap();
+    assert!(!out.contains("HTTP/1.1"), "stdout: {out}");
+    assert!(err.contains("alert"), "stderr: {err}");
+
+    // TLS 1.2 is refused unless the policy allows it.
+    let mut tls12 = with_cert;
+    tls12.push("-tls1_2".to_string());
+    let (out, err) = s_client(tls12).await.unwrap();
+    assert!(!out.contains("HTTP/1.1"), "stdout: {out}\nstderr: {err}");
+    assert_eq!(app.received().len(), 1, "only the peer reached the app");
+    sidecar.stop().await;
+}

@@ -65,6 +65,8 @@ pub struct Forwarder {
     client: awc::Client,
     /// Pool settings, for the mesh clients built on first use.
     settings: crate::policy::UpstreamSettings,
+    /// This sidecar's mesh certificates, when the policy had a `mesh` section at start-up.
+    identity: Option<Arc<crate::mesh::Identity>>,
     /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
     mesh_clients: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
     instruments: Instruments,
@@ -78,16 +80,19 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// `settings` are the pool settings `client` was built with; the mesh clients are built with them too.
+    /// `settings` are the pool settings `client` was built with; the mesh clients are built with them too, on
+    /// `identity`.
     pub fn new(
         snapshot: SharedSnapshot,
         client: awc::Client,
         settings: crate::policy::UpstreamSettings,
+        identity: Option<Arc<crate::mesh::Identity>>,
     ) -> Self {
         Self {
             snapshot,
             client,
             settings,
+            identity,
             mesh_clients: std::cell::RefCell::default(),
             instruments: Instruments::default(),
             sampler: Sampler::default(),
@@ -102,10 +107,14 @@ impl Forwarder {
         if let Some(c) = self.mesh_clients.borrow().get(service) {
             return Ok(c.clone());
         }
-        let expected = crate::certs::spiffe_id(&mesh.trust_domain, service);
-        let config = crate::mesh::client_config(mesh, expected).map_err(|e| {
-            ProxyError::new(Cause::UpstreamTls, service.to_string(), format!("{e:#}"))
-        })?;
+        let Some(identity) = &self.identity else {
+            return Err(ProxyError::new(
+                Cause::UpstreamTls,
+                service.to_string(),
+                "this sidecar started without a mesh section: restart it to call mesh services",
+            ));
+        };
+        let config = identity.client_config(crate::certs::spiffe_id(&mesh.trust_domain, service));
         let client = super::client::build(&self.settings, Arc::new(config));
         self.mesh_clients
             .borrow_mut()

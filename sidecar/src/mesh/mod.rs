@@ -4,7 +4,7 @@
 //!
 //! Owns: the rustls server configuration (TLS 1.3 by default, 1.2 only when configured; a client certificate
 //! signed by the mesh CA is required), reading the identity from a verified certificate, and the inbound
-//! forwarder. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
+//! forwarder. The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
 
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
@@ -17,15 +17,15 @@ use actix_http::{Request, Response};
 use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
 use anyhow::Context as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 
 use crate::dispatch::forward::{ProxyBody, relay, request_body};
 use crate::dispatch::headers::strip_request;
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Mesh, UpstreamSettings};
+
+mod tls;
+pub use tls::{CertWatcher, Identity, describe};
 
 /// The verified identity of the peer sidecar, on every request the app receives through the mesh. The same
 /// header arriving from outside is removed.
@@ -34,67 +34,6 @@ pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-sidecar-peer-id
 /// The peer's identity, read once per connection from its verified certificate.
 #[derive(Debug, Clone)]
 struct PeerIdentity(Option<HeaderValue>);
-
-/// The mesh's TLS material, read from the PEM files.
-pub fn server_config(mesh: &Mesh) -> anyhow::Result<rustls::ServerConfig> {
-    let roots = read_roots(&mesh.ca)?;
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .context("the mesh CA cannot verify client certificates")?;
-    let (chain, key) = read_identity(mesh)?;
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions(mesh))
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("the mesh certificate and key do not match")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// TLS 1.3 only, unless the mesh also allows 1.2.
-fn versions(mesh: &Mesh) -> &'static [&'static rustls::SupportedProtocolVersion] {
-    static WITH_TLS12: [&rustls::SupportedProtocolVersion; 2] =
-        [&rustls::version::TLS13, &rustls::version::TLS12];
-    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
-    if mesh.tls12 { &WITH_TLS12 } else { &TLS13_ONLY }
-}
-
-fn read_roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("mesh.ca: cannot read {}", path.display()))?;
-    for cert in certs {
-        let cert = cert.with_context(|| format!("mesh.ca: {} is not PEM", path.display()))?;
-        roots.add(cert).with_context(|| {
-            format!(
-                "mesh.ca: {} holds a certificate rustls refuses",
-                path.display()
-            )
-        })?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("mesh.ca: {} holds no certificate", path.display());
-    }
-    Ok(roots)
-}
-
-fn read_identity(
-    mesh: &Mesh,
-) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&mesh.cert)
-        .with_context(|| format!("mesh.cert: cannot read {}", mesh.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("mesh.cert: {} is not PEM", mesh.cert.display()))?;
-    if chain.is_empty() {
-        anyhow::bail!("mesh.cert: {} holds no certificate", mesh.cert.display());
-    }
-    let key = PrivateKeyDer::from_pem_file(&mesh.key).with_context(|| {
-        format!(
-            "mesh.key: cannot read a private key from {}",
-            mesh.key.display()
-        )
-    })?;
-    Ok((chain, key))
-}
 
 /// The SPIFFE URI SAN of a certificate (`spiffe://...`), if it has exactly one.
 pub fn spiffe_identity(der: &[u8]) -> Option<String> {
@@ -134,6 +73,7 @@ struct Local {
 /// service, so the peer's header maps are moved to the app and back, never copied.
 pub fn server(
     mesh: &Mesh,
+    identity: &Arc<Identity>,
     upstream: &UpstreamSettings,
     listener: TcpListener,
     workers: usize,
@@ -141,7 +81,7 @@ pub fn server(
     let Some(inbound) = mesh.inbound.clone() else {
         anyhow::bail!("mesh.inbound is not configured");
     };
-    let config = server_config(mesh)?;
+    let config = identity.server_config();
     let settings = upstream.clone();
     let tls = crate::dispatch::client::tls_config();
     let server = HttpServer::new(move || {
@@ -241,90 +181,4 @@ pub fn bind(mesh: &Mesh) -> anyhow::Result<Option<(TcpListener, SocketAddr)>> {
         .with_context(|| format!("mesh.inbound.listen: cannot bind {}", inbound.listen))?;
     let addr = listener.local_addr()?;
     Ok(Some((listener, addr)))
-}
-
-/// The client side of the mesh hop: this sidecar's certificate, the mesh CA, and a verifier that accepts a
-/// server only when its certificate chains to the mesh CA and names exactly `expected` (a SPIFFE id), whatever
-/// address it was reached at.
-pub fn client_config(mesh: &Mesh, expected: String) -> anyhow::Result<rustls::ClientConfig> {
-    let roots = Arc::new(read_roots(&mesh.ca)?);
-    let (chain, key) = read_identity(mesh)?;
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let verifier = Arc::new(SpiffeVerifier {
-        roots,
-        expected,
-        algorithms: provider.signature_verification_algorithms,
-    });
-    let mut config = rustls::ClientConfig::builder_with_protocol_versions(versions(mesh))
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .context("the mesh certificate and key do not match")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// Verifies a peer sidecar: the chain to the mesh CA (as webpki does for any server), then the SPIFFE
-/// identity instead of a DNS name.
-#[derive(Debug)]
-struct SpiffeVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    expected: String,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        match spiffe_identity(end_entity.as_ref()) {
-            Some(id) if id == self.expected => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
-            }
-            Some(id) => Err(rustls::Error::General(format!(
-                "the peer is {id}, not {}",
-                self.expected
-            ))),
-            None => Err(rustls::Error::General(
-                "the peer certificate has no SPIFFE identity".into(),
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
