@@ -57,6 +57,8 @@ pub enum Cause {
     NoHealthyEndpoint,
     /// The mesh peer is not allowed to make this request (or has no identity).
     Forbidden,
+    /// The URL target's host is not in the egress allow-list.
+    EgressDenied,
 }
 
 impl Cause {
@@ -66,7 +68,7 @@ impl Cause {
         match self {
             MissingTarget | BadTarget | BadInternal | RequestBody => StatusCode::BAD_REQUEST,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Forbidden => StatusCode::FORBIDDEN,
+            Forbidden | EgressDenied => StatusCode::FORBIDDEN,
             UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
             | UpstreamTls => StatusCode::BAD_GATEWAY,
             UnknownService | NoEndpoints | CircuitOpen | Overloaded | NoHealthyEndpoint => {
@@ -101,11 +103,12 @@ impl Cause {
             RateLimited => "rate-limited",
             NoHealthyEndpoint => "no-healthy-endpoint",
             Forbidden => "forbidden",
+            EgressDenied => "egress-denied",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 20] = {
+    pub const ALL: [Cause; 21] = {
         use Cause::*;
         [
             MissingTarget,
@@ -128,6 +131,7 @@ impl Cause {
             RateLimited,
             NoHealthyEndpoint,
             Forbidden,
+            EgressDenied,
         ]
     };
 }

@@ -310,7 +310,8 @@ pub fn start(
     let draining = Draining::default();
     let egress_factory = EgressFactory {
         snapshot: snapshot.clone(),
-        tls: client::tls_config(),
+        tls: client::egress_tls(&policy.egress.roots)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
         identity: identity.clone(),
     };
     let (workers, drain_timeout, upstream) = (

@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub nameservers: Vec<std::net::SocketAddr>,
     /// This sidecar's mesh identity and certificates, for calls to `mesh: true` services.
     pub mesh: Option<Arc<crate::policy::Mesh>>,
+    /// `egress.allow`: when set, the hosts URL targets may name.
+    pub egress_allow: Option<Arc<crate::policy::AllowList>>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -366,6 +368,7 @@ impl Snapshot {
             dispatch_targets: authorities(previous.map(|p| &p.dispatch_targets), "dispatch"),
             nameservers: policy.nameservers.clone(),
             mesh: policy.mesh.clone().map(Arc::new),
+            egress_allow: policy.egress.allow.clone().map(Arc::new),
             dispatch: policy.dispatch.clone(),
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,

@@ -11,13 +11,62 @@ use actix_tls::connect::{ConnectError, ConnectInfo, Connection, ConnectorService
 use futures_util::future::LocalBoxFuture;
 use tokio::net::TcpStream;
 
-use crate::policy::UpstreamSettings;
+use crate::policy::{Roots, UpstreamSettings};
 
-/// TLS settings for `https` upstreams, built once and shared by every worker.
+/// TLS settings for `https` upstreams verified against the built-in (Mozilla) roots.
 pub fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
+    with_roots(rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
+    })
+}
+
+/// TLS settings for the app's `https` URL targets, as `egress.tls` says; built once and shared by every worker.
+/// Fails naming the field when the roots cannot be read.
+pub fn egress_tls(roots: &Roots) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use anyhow::Context as _;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Roots::Builtin => return Ok(tls_config()),
+        Roots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                anyhow::bail!(
+                    "egress.tls.roots: system: the machine has no usable CA bundle (SSL_CERT_FILE, SSL_CERT_DIR or \
+                     the platform's paths){}",
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", errors.join("; "))
+                    }
+                );
+            }
+        }
+        Roots::Bundle(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("egress.tls.ca: cannot read {}", path.display()))?
+            {
+                let cert =
+                    cert.with_context(|| format!("egress.tls.ca: {} is not PEM", path.display()))?;
+                store.add(cert).with_context(|| {
+                    format!(
+                        "egress.tls.ca: {} holds a certificate rustls refuses",
+                        path.display()
+                    )
+                })?;
+            }
+            if store.is_empty() {
+                anyhow::bail!("egress.tls.ca: {} holds no certificate", path.display());
+            }
+        }
+    }
+    Ok(with_roots(store))
+}
+
+fn with_roots(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -126,6 +126,18 @@ fn route_target<'a>(
         };
         ProxyError::new(Cause::BadTarget, text, detail)
     })?;
+    if let Some(allow) = &snapshot.egress_allow
+        && !allow.permits(upstream.host())
+    {
+        return Err(ProxyError::new(
+            Cause::EgressDenied,
+            text,
+            format!(
+                "{} is not in egress.allow (hosts or cidrs)",
+                upstream.host()
+            ),
+        ));
+    }
     Ok(Route {
         upstream: Dest::Url(upstream),
         patch: &[],

@@ -105,6 +105,11 @@ impl Upstream {
         &self.authority
     }
 
+    /// The host, without the port (an IPv6 address keeps its brackets).
+    pub fn host(&self) -> &str {
+        self.authority.host()
+    }
+
     /// The `Host` header value: the upstream's authority.
     pub fn host_header(&self) -> &HeaderValue {
         &self.host

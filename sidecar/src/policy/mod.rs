@@ -6,6 +6,7 @@
 //! Called by `main.rs` at start-up and by `sidecar check`.
 
 pub mod duration;
+pub mod egress;
 pub mod locate;
 mod raw;
 pub mod resilience;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::dispatch::target::Upstream;
+pub use egress::{AllowList, Egress, Roots};
 pub use seed::DispatchRules;
 
 /// The default policy, embedded in the binary so `sidecar` runs with no files at all.
@@ -45,6 +47,8 @@ pub struct Policy {
     pub nameservers: Vec<SocketAddr>,
     /// This sidecar's place in the mesh: identity, certificates, inbound listener.
     pub mesh: Option<Mesh>,
+    /// What URL targets may name, and which roots verify `https` ones.
+    pub egress: Egress,
 }
 
 /// The `mesh` section.

@@ -44,6 +44,8 @@ pub(super) struct RawPolicy {
     dns: Option<RawDns>,
     #[serde(default)]
     mesh: Option<RawMesh>,
+    #[serde(default)]
+    egress: Option<super::egress::RawEgress>,
     /// Which file each top-level part came from, for "defined twice" messages.
     #[serde(skip)]
     origin: Origins,
@@ -116,6 +118,7 @@ struct Origins {
     access_log: Option<String>,
     dns: Option<String>,
     mesh: Option<String>,
+    egress: Option<String>,
     file: String,
     services: BTreeMap<String, String>,
     dispatch: Option<String>,
@@ -249,6 +252,7 @@ impl RawPolicy {
         self.origin.access_log = self.access_log.as_ref().map(|_| file.to_string());
         self.origin.dns = self.dns.as_ref().map(|_| file.to_string());
         self.origin.mesh = self.mesh.as_ref().map(|_| file.to_string());
+        self.origin.egress = self.egress.as_ref().map(|_| file.to_string());
         let l = &self.listeners;
         let listeners_set = l.egress.is_some()
             || l.admin.is_some()
@@ -291,6 +295,12 @@ impl RawPolicy {
             "mesh",
             (&mut self.mesh, &mut self.origin.mesh),
             (other.mesh, o.mesh),
+            &mut issues,
+        );
+        take_once(
+            "egress",
+            (&mut self.egress, &mut self.origin.egress),
+            (other.egress, o.egress),
             &mut issues,
         );
         take_once(
@@ -543,6 +553,19 @@ impl RawPolicy {
             )
         });
 
+        let egress_policy = match &self.egress {
+            Some(raw) => super::egress::validate(raw).unwrap_or_else(|problems| {
+                let file = file_of(&self.origin.egress);
+                issues.extend(
+                    problems
+                        .into_iter()
+                        .map(|(field, why)| Issue::new(&file, field, why)),
+                );
+                super::egress::Egress::default()
+            }),
+            None => super::egress::Egress::default(),
+        };
+
         let dispatch = match self.dispatch {
             Some(d) => match d.validate(&file_of(&self.origin.dispatch), "dispatch.") {
                 Ok(rules) => Some(rules),
@@ -582,6 +605,7 @@ impl RawPolicy {
             access_log,
             nameservers,
             mesh,
+            egress: egress_policy,
         })
     }
 }

@@ -428,6 +428,9 @@ fn needs_restart(running: &Policy, next: &Policy) -> Vec<String> {
     if a.idle_timeout != b.idle_timeout || a.max_connections != b.max_connections {
         out.push("defaults.pool: changed (restart to apply to upstream pools)".into());
     }
+    if running.egress.roots != next.egress.roots {
+        out.push("egress.tls: changed (restart to apply to upstream pools)".into());
+    }
     // The certificates' contents are watched by the mesh itself; its listener and file names are not.
     let (a, b) = (running.mesh.as_ref(), next.mesh.as_ref());
     let inbound = |m: Option<&super::Mesh>| m.map(|m| m.inbound.as_ref().map(|i| i.listen));
