@@ -643,3 +643,57 @@ async fn openssl_s_client_with_a_mesh_certificate_is_a_peer_and_without_one_is_n
     assert_eq!(app.received().len(), 1, "only the peer reached the app");
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn inbound_rate_limits_count_per_peer_identity() {
+    let pki = Pki::new("rate");
+    let app = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(
+        &(pki.policy(app.addr) + "    rate_limit:\n      rate: 1/m\n      burst: 2\n"),
+    );
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let ca = pki.dir.join("ca.pem");
+    let as_peer = |name: &str| {
+        let (cert, key) = pki.issue(name, Validity::default());
+        connector(&ca, Some((&cert, &key)))
+    };
+    let (payments, inventory) = (as_peer("payments"), as_peer("inventory"));
+    for _ in 0..2 {
+        assert_eq!(call(&payments, inbound, "").await, Ok(200));
+    }
+    assert_eq!(
+        call(&payments, inbound, "").await,
+        Ok(429),
+        "payments spent its burst"
+    );
+    assert_eq!(
+        call(&inventory, inbound, "").await,
+        Ok(200),
+        "inventory has its own bucket"
+    );
+    assert_eq!(app.received().len(), 3);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_inbound_concurrency_limit_protects_the_app() {
+    let pki = Pki::new("concurrency");
+    let (held, arrived, release) = support::held_upstream().await;
+    let sidecar = Sidecar::start(
+        &(pki.policy(held) + "    concurrency:\n      max_in_flight: 1\n      queue: 0\n"),
+    );
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let tls = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+
+    // The app holds the first request; with no queue, a second one is refused at once.
+    let first = actix_rt::spawn({
+        let tls = tls.clone();
+        async move { call(&tls, inbound, "").await }
+    });
+    arrived.notified().await;
+    assert_eq!(call(&tls, inbound, "").await, Ok(503));
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), Ok(200));
+    sidecar.stop().await;
+}

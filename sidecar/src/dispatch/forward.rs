@@ -55,9 +55,9 @@ pub type ProxyBody =
 /// How many attempts the sidecar made for a response.
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sidecar-attempts");
 /// draft-ietf-httpapi-ratelimit-headers: the quota policy.
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// draft-ietf-httpapi-ratelimit-headers: what remains and when it resets.
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// One worker's forwarder: the shared snapshot and the worker's own upstream client.
 pub struct Forwarder {

@@ -18,11 +18,19 @@ use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
 use anyhow::Context as _;
 
-use crate::dispatch::forward::{ProxyBody, relay, request_body};
+use std::pin::Pin;
+use std::task::Poll;
+
+use actix_http::body::MessageBody;
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::dispatch::forward::{ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
 use crate::dispatch::headers::strip_request;
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Mesh, UpstreamSettings};
+use crate::resilience::limits::{Concurrency, RateLimit};
 
 mod tls;
 pub use tls::{CertWatcher, Identity, describe};
@@ -66,7 +74,43 @@ struct Local {
     app: Upstream,
     timeout: std::time::Duration,
     authorization: Option<Vec<crate::policy::AllowRule>>,
+    limits: Arc<Limits>,
     client: awc::Client,
+}
+
+/// The inbound listener's limits, shared by every worker: one rate limit (per peer identity by default) and
+/// one concurrency limit in front of the app.
+#[derive(Debug)]
+struct Limits {
+    rate: Option<RateLimit>,
+    concurrency: Option<Concurrency>,
+}
+
+/// The response body, holding the request's concurrency slot until it ends.
+pub struct Held<B> {
+    inner: B,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> std::fmt::Debug for Held<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").finish_non_exhaustive()
+    }
+}
+
+impl<B: MessageBody + Unpin> MessageBody for Held<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_next(cx)
+    }
 }
 
 /// Builds the inbound server on a pre-bound listener. Like the egress listener it serves a raw `actix_http`
@@ -83,6 +127,14 @@ pub fn server(
     };
     let config = identity.server_config();
     let settings = upstream.clone();
+    let name: Arc<str> = Arc::from("inbound");
+    let limits = Arc::new(Limits {
+        rate: inbound
+            .rate_limit
+            .clone()
+            .map(|p| RateLimit::new(p, name.clone())),
+        concurrency: inbound.concurrency.map(Concurrency::new),
+    });
     let tls = crate::dispatch::client::tls_config();
     let server = HttpServer::new(move || {
         // Once per worker: the awc client is !Send and lives with its worker.
@@ -90,6 +142,7 @@ pub fn server(
             app: inbound.app.clone(),
             timeout: inbound.request_timeout,
             authorization: inbound.authorization.clone(),
+            limits: limits.clone(),
             client: crate::dispatch::client::build(&settings, tls.clone()),
         });
         actix_service::fn_service(move |req: Request| {
@@ -97,7 +150,10 @@ pub fn server(
             async move {
                 let res = match local.forward(req).await {
                     Ok(res) => res,
-                    Err(e) => e.to_response().map_body(|_, b| EitherBody::right(b)),
+                    Err(e) => e.to_response().map_body(|_, b| Held {
+                        inner: EitherBody::right(b),
+                        _permit: None,
+                    }),
                 };
                 Ok::<_, actix_web::Error>(res)
             }
@@ -114,7 +170,7 @@ pub fn server(
 
 impl Local {
     /// Forwards one inbound request to the local app, with the peer's verified identity.
-    async fn forward(&self, req: Request) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(&self, req: Request) -> Result<Response<Held<ProxyBody>>, ProxyError> {
         let app = || self.app.to_string();
         let identity = req
             .conn_data::<PeerIdentity>()
@@ -126,6 +182,7 @@ impl Local {
                     "the peer certificate has no SPIFFE identity (one spiffe:// URI SAN)",
                 )
             })?;
+        let req_peer = req.peer_addr().map(|p| p.ip());
         let (mut head, payload) = req.into_parts();
         if let Some(rules) = &self.authorization {
             let peer = identity.to_str().unwrap_or_default();
@@ -153,10 +210,43 @@ impl Local {
         strip_request(&mut headers);
         headers.insert(PEER_IDENTITY, identity);
         headers.insert(HOST, self.app.host_header().clone());
+        let started = std::time::Instant::now();
+        if let Some(limit) = &self.limits.rate
+            && let Err(limited) = limit.check(&headers, req_peer)
+        {
+            metrics::counter!(crate::resilience::monitor::RATE_LIMITED, "service" => "inbound")
+                .increment(1);
+            return Err(
+                ProxyError::new(Cause::RateLimited, app(), "over the inbound rate limit")
+                    .retry_after(limited.retry_after)
+                    .with_header(RATELIMIT_POLICY, limit.policy_header().clone())
+                    .with_header(RATELIMIT, limit.refusal_header(limited)),
+            );
+        }
+        let permit = match &self.limits.concurrency {
+            Some(c) => match c.acquire(started + self.timeout).await {
+                Ok(permit) => Some(permit),
+                Err(overload) => {
+                    metrics::counter!(crate::resilience::monitor::OVERLOADED, "service" => "inbound", "reason" => overload.as_str())
+                        .increment(1);
+                    return Err(ProxyError::new(
+                        Cause::Overloaded,
+                        app(),
+                        format!(
+                            "the app's inbound concurrency limit is reached ({})",
+                            overload.as_str()
+                        ),
+                    ));
+                }
+            },
+            None => None,
+        };
+        // The request timeout covers the queue wait too.
+        let timeout = self.timeout.saturating_sub(started.elapsed());
         let mut request = self
             .client
             .request(head.method.clone(), uri)
-            .timeout(self.timeout)
+            .timeout(timeout)
             .no_decompress();
         *request.headers_mut() = headers;
         let sending = match framing {
@@ -167,7 +257,12 @@ impl Local {
         };
         sending
             .await
-            .map(relay)
+            .map(|res| {
+                relay(res).map_body(|_, inner| Held {
+                    inner,
+                    _permit: permit,
+                })
+            })
             .map_err(|e| ProxyError::from_send(&e, app()))
     }
 }

@@ -74,6 +74,10 @@ pub struct Inbound {
     pub request_timeout: Duration,
     /// Allow rules: once there is one, a request no rule allows is denied (403 `forbidden`).
     pub authorization: Option<Vec<AllowRule>>,
+    /// Requests per peer identity (unless keyed otherwise); 429 `rate-limited` beyond.
+    pub rate_limit: Option<resilience::RateLimitPolicy>,
+    /// Requests in flight to the app, and a bounded queue; 503 `overloaded` beyond.
+    pub concurrency: Option<resilience::ConcurrencyPolicy>,
 }
 
 /// Who may call which methods and paths of the local app.

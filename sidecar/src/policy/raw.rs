@@ -79,6 +79,8 @@ struct RawInbound {
     #[serde(default, with = "duration::serde_opt")]
     request_timeout: Option<Duration>,
     authorization: Option<Vec<RawAllow>>,
+    rate_limit: Option<super::resilience::RawRateLimit>,
+    concurrency: Option<super::resilience::RawConcurrency>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -846,11 +848,20 @@ fn validate_mesh(
                     })
                     .collect()
             });
+            let (rate_limit, concurrency) = super::resilience::validate_inbound_limits(
+                i.rate_limit.as_ref(),
+                i.concurrency.as_ref(),
+                &mut |field, why| {
+                    issues.push(Issue::new(file, format!("mesh.inbound.{field}"), why));
+                },
+            );
             Some(Inbound {
                 listen,
                 app,
                 request_timeout: i.request_timeout.unwrap_or(request_timeout),
                 authorization,
+                rate_limit,
+                concurrency,
             })
         }
     };

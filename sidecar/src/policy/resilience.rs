@@ -623,6 +623,27 @@ fn validate_rate_limit(
     })
 }
 
+/// The mesh inbound listener's limits: a rate limit keyed by the peer's identity unless it says otherwise
+/// (`key: peer`, the default), and a concurrency limit with the same defaults as a target's. Fields are named
+/// from `rate_limit.` and `concurrency.`.
+pub(super) fn validate_inbound_limits(
+    rate_limit: Option<&RawRateLimit>,
+    concurrency: Option<&RawConcurrency>,
+    issue: &mut impl FnMut(&str, String),
+) -> (Option<RateLimitPolicy>, Option<ConcurrencyPolicy>) {
+    let by_peer = rate_limit.map(|raw| {
+        let mut raw = raw.clone();
+        if matches!(raw.key.as_deref().map(str::trim), None | Some("peer")) {
+            raw.key = Some(format!("header:{}", crate::mesh::PEER_IDENTITY.as_str()));
+        }
+        raw
+    });
+    (
+        validate_rate_limit(by_peer.as_ref(), issue),
+        validate_concurrency(concurrency, issue),
+    )
+}
+
 /// `100/s`, `6000/m`, `10/1s`, `5/250ms`: a number of requests per period.
 fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
     let bad = || format!("expected a rate such as 100/s or 6000/m, got {text:?}");

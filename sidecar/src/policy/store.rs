@@ -433,11 +433,13 @@ fn needs_restart(running: &Policy, next: &Policy) -> Vec<String> {
     }
     // The certificates' contents are watched by the mesh itself; its listener and file names are not.
     let (a, b) = (running.mesh.as_ref(), next.mesh.as_ref());
-    let inbound = |m: Option<&super::Mesh>| m.map(|m| m.inbound.as_ref().map(|i| i.listen));
+    let inbound = |m: Option<&super::Mesh>| m.map(|m| m.inbound.clone());
     let files =
         |m: Option<&super::Mesh>| m.map(|m| (m.ca.clone(), m.cert.clone(), m.key.clone(), m.tls12));
     if a.is_some() != b.is_some() || inbound(a) != inbound(b) || files(a) != files(b) {
-        out.push("mesh: listener, files or TLS versions changed (restart to apply)".into());
+        out.push(
+            "mesh: the inbound listener, files or TLS versions changed (restart to apply)".into(),
+        );
     }
     out
 }
