@@ -1,5 +1,5 @@
-//! The pure, per-request pieces of the request path: parsing a `target`, joining paths, choosing a route, and
-//! header hygiene. Run with `cargo bench -p sidecar --bench route`.
+//! The pure, per-request pieces of the request path: parsing a `target`, joining paths, choosing a route (also
+//! behind an egress allow-list), and header hygiene. Run with `cargo bench -p sidecar --bench route`.
 
 #![allow(
     clippy::expect_used,
@@ -55,6 +55,17 @@ fn benches(c: &mut Criterion) {
     let by_rule = headers(&[("environment", "dev"), ("accept", "*/*")]);
     c.bench_function("route/dispatch_rule", |b| {
         b.iter(|| route(&snapshot, black_box(&by_rule)).map(|r| r.request_timeout))
+    });
+
+    let guarded = Snapshot::from_policy(
+        &Policy::from_yaml(
+            "bench",
+            "egress:\n  allow:\n    hosts: [api.example.com, '*.internal.example', orders]\n    cidrs: [10.0.0.0/8]\n",
+        )
+        .expect("valid policy"),
+    );
+    c.bench_function("route/target_url_allow_list", |b| {
+        b.iter(|| route(&guarded, black_box(&by_url)).map(|r| r.request_timeout))
     });
 
     let typical = headers(&[
