@@ -54,6 +54,18 @@ pub type ProxyBody =
 
 /// How many attempts the sidecar made for a response.
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sidecar-attempts");
+/// The `x-sidecar-attempts` value: a static one for the counts retries usually reach, so the common response
+/// costs no allocation.
+fn attempts_value(attempts: u32) -> HeaderValue {
+    match attempts {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        4 => HeaderValue::from_static("4"),
+        n => HeaderValue::from(n),
+    }
+}
+
 /// draft-ietf-httpapi-ratelimit-headers: the quota policy.
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// draft-ietf-httpapi-ratelimit-headers: what remains and when it resets.
@@ -166,7 +178,7 @@ impl Forwarder {
         };
         if labels.attempts > 0 {
             res.headers_mut()
-                .insert(ATTEMPTS, HeaderValue::from(labels.attempts));
+                .insert(ATTEMPTS, attempts_value(labels.attempts));
         }
         if let Some(cx) = trace {
             record_server_outcome(&cx, res.status(), outcome);
@@ -948,3 +960,18 @@ const _: fn() = || {
     fn is_body<B: MessageBody>() {}
     is_body::<ProxyBody>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_values_are_the_count() {
+        for n in [1, 2, 3, 4, 5, 17] {
+            assert_eq!(
+                attempts_value(n).to_str().ok(),
+                Some(n.to_string().as_str())
+            );
+        }
+    }
+}
