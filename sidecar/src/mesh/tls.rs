@@ -120,11 +120,6 @@ impl Identity {
         Ok(identity)
     }
 
-    /// Whether this identity was read from the files `mesh` names (a reload naming others needs a restart).
-    pub fn reads(&self, mesh: &Mesh) -> bool {
-        self.paths == [mesh.ca.clone(), mesh.cert.clone(), mesh.key.clone()]
-    }
-
     /// Re-reads the files; swaps in the new material when they changed and hold a usable set.
     pub fn refresh(&self) {
         let files = match read_files(&self.paths) {

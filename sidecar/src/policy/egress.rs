@@ -120,16 +120,13 @@ impl Cidr {
 }
 
 impl AllowList {
-    /// Whether a URL target's host is allowed: a name matching `hosts`, or an IP address inside `cidrs`
-    /// (or written in `hosts`). Names are matched as written, not by what they resolve to.
+    /// Whether a URL target's host is allowed: a name matching `hosts`, or an IP address inside `cidrs` (an
+    /// address written in `hosts` is kept there as a one-address block). Names are matched as written, not by
+    /// what they resolve to.
     pub fn permits(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return self.cidrs.iter().any(|c| c.contains(ip))
-                || self
-                    .hosts
-                    .iter()
-                    .any(|h| matches!(h, HostPattern::Exact(e) if e.parse() == Ok(ip)));
+            return self.cidrs.iter().any(|c| c.contains(ip));
         }
         let host = host.trim_end_matches('.');
         self.hosts.iter().any(|pattern| match pattern {
@@ -150,6 +147,13 @@ pub(super) fn validate(raw: &RawEgress) -> Result<Egress, Vec<(String, String)>>
         let mut list = AllowList::default();
         for (i, text) in a.hosts.iter().enumerate() {
             let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
+            if let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() {
+                list.cidrs.push(Cidr {
+                    net: ip,
+                    prefix: if ip.is_ipv4() { 32 } else { 128 },
+                });
+                continue;
+            }
             let (pattern, name) = match text.strip_prefix("*.") {
                 Some(rest) => (HostPattern::Suffix(rest.to_string()), rest.to_string()),
                 None => (HostPattern::Exact(text.clone()), text.clone()),
@@ -157,8 +161,7 @@ pub(super) fn validate(raw: &RawEgress) -> Result<Egress, Vec<(String, String)>>
             let valid = !name.is_empty()
                 && name
                     .split('.')
-                    .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-                || name.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+                    .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
             if valid {
                 list.hosts.push(pattern);
             } else {
