@@ -1,3 +1,4 @@
+# shellcheck disable=SC2034 # globals set here (CLK_TCK, TMP, SIDECAR, ...) are read by the sourcing script
 # Shared by bench/run.sh and bench/mesh.sh (sourced, not run): logging, tools, processes and ports, CPU and
 # memory readings, and table formatting. The sourcing script sets BENCH_TAG (the log prefix) and the globals
 # these read when called: REPO_ROOT, PIDS, TMP, USED_PORTS, SIDECAR_BIN, BUILD, PROXY_CPU/LOAD_CPU, ...
@@ -221,4 +222,44 @@ md_table() { # md_table ALIGN: TSV on stdin (header first) -> a padded markdown 
                 }
             }
         }'
+}
+
+prepare_run() { # prepare_run PROXY_CPU TMP_PREFIX: tools, the binary, pinning (PIN_PROXY, PIN_LOAD), TMP, RESULTS_KEEP,
+    # and the copy of the sidecar measured (SIDECAR, SIDECAR_VERSION)
+    local proxy_cpu=$1 prefix=$2
+    ensure_tools
+    ensure_sidecar
+    CLK_TCK=$(getconf CLK_TCK)
+    NCPU=$(nproc)
+    if [[ $PIN != 0 ]]; then
+        if ((NCPU < 2)) && [[ $proxy_cpu != "$LOAD_CPU" ]]; then
+            log "warning: $NCPU CPU: no pinning"
+            PIN=0
+        fi
+    fi
+    if [[ $PIN != 0 ]]; then
+        PIN_PROXY=(taskset -c "$proxy_cpu")
+        PIN_LOAD=(taskset -c "$LOAD_CPU")
+        if ! "${PIN_PROXY[@]}" true || ! "${PIN_LOAD[@]}" true; then
+            die "taskset -c $proxy_cpu / -c $LOAD_CPU failed (PIN=0 to run unpinned)"
+        fi
+    else
+        PIN_PROXY=()
+        PIN_LOAD=()
+    fi
+
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/$prefix.XXXXXX")
+    chmod 755 "$TMP" # nginx workers run as another user when started as root
+    mkdir -p "$TMP/out"
+    RESULTS_KEEP=
+    if [[ -n ${RESULTS_DIR:-} ]]; then
+        mkdir -p "$RESULTS_DIR"
+        RESULTS_KEEP=$(cd "$RESULTS_DIR" && pwd)
+    fi
+
+    # The binary measured is a copy: a rebuild during the run cannot swap it midway.
+    mkdir -p "$TMP/bin"
+    SIDECAR=$TMP/bin/sidecar
+    cp "$SIDECAR_BIN" "$SIDECAR"
+    SIDECAR_VERSION=$("$SIDECAR" --version 2>/dev/null | head -n 1 || echo "unknown")
 }

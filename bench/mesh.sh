@@ -247,7 +247,7 @@ launch_sidecar() { # launch_sidecar NAME EGRESS_PORT ADMIN_PORT: in its own dir,
         cd "$dir"
         unset SIDECAR_POLICY SIDECAR_CONFIG
         export RUST_LOG=warn SIDECAR_PORT=$2
-        exec "${PIN_SIDECAR[@]}" "$SIDECAR" --policy "$dir/policy" --workers 1 --admin "127.0.0.1:$3" --access-log off
+        exec "${PIN_PROXY[@]}" "$SIDECAR" --policy "$dir/policy" --workers 1 --admin "127.0.0.1:$3" --access-log off
     ) >"$dir/stdout.log" 2>"$dir/sidecar.log" &
     LAUNCHED=$!
     PIDS+=("$LAUNCHED")
@@ -327,7 +327,7 @@ probe() { # probe VARIANT: one request, which must get the upstream's 200 (throu
 }
 
 verify_mesh() { # that mesh requests really cross B over mTLS, and plain ones do not
-    local t0 t1 n code rc=0
+    local n code ok rc=0
     # B's inbound serves a mesh peer, and refuses a client without a certificate during the handshake.
     code=$("$CURL" -sS --max-time 10 -o "$TMP/probe.body" -w '%{http_code}' --cacert "$TMP/certs/ca.pem" \
         --cert "$TMP/certs/payments.pem" --key "$TMP/certs/payments-key.pem" "https://127.0.0.1:$B_IN_PORT/" 2>"$TMP/probe.err") || true
@@ -337,15 +337,17 @@ verify_mesh() { # that mesh requests really cross B over mTLS, and plain ones do
     fi
     "$CURL" -sS --max-time 10 -o /dev/null --cacert "$TMP/certs/ca.pem" "https://127.0.0.1:$B_IN_PORT/" 2>/dev/null || rc=$?
     ((rc != 0)) || die "sidecar B's inbound answered a client without a certificate"
-    # Through A: B spends CPU on the request and A keeps a pooled connection to B's inbound port.
-    t0=$(cpu_ticks "$B_PID")
+    # Through A: every request answered by the upstream, over a pooled connection A keeps to B's inbound port.
+    # (B's CPU over 100 requests can stay below one clock tick; the measured runs check it rises.)
+    ok=0
     for _ in $(seq 100); do
-        "$CURL" -s --max-time 10 -o /dev/null -H 'target: orders' -H 'internal: true' "http://127.0.0.1:$A_EG_PORT/" || true
+        code=$("$CURL" -s --max-time 10 -o /dev/null -w '%{http_code}' -H 'target: orders' -H 'internal: true' \
+            "http://127.0.0.1:$A_EG_PORT/") || true
+        if [[ $code == 200 ]]; then ok=$((ok + 1)); fi
     done
-    t1=$(cpu_ticks "$B_PID")
     n=$(established_to "$B_IN_PORT")
     ((n > 0)) || die "after mesh requests through A, no connection to B's inbound port $B_IN_PORT is established"
-    ((t1 > t0)) || die "100 mesh requests through A used no CPU of sidecar B"
+    ((ok == 100)) || die "only $ok of 100 mesh requests through A got 200"
     "$CURL" -s --max-time 10 "http://127.0.0.1:$A_ADMIN_PORT/admin/targets" >"$TMP/targets.json" || true
     # shellcheck disable=SC2016 # jq's variables
     "$JQ" -e --arg b "127.0.0.1:$B_IN_PORT" --arg u "127.0.0.1:$UP_PORT" \
@@ -353,7 +355,7 @@ verify_mesh() { # that mesh requests really cross B over mTLS, and plain ones do
         "$TMP/targets.json" >/dev/null ||
         die "A's /admin/targets does not show orders at 127.0.0.1:$B_IN_PORT and plain at 127.0.0.1:$UP_PORT"
     VERIFIED="B's inbound answers a payments client with 200 and refuses a client without a certificate (curl"
-    VERIFIED+=$'\n'"  exit $rc); after 100 mesh requests through A, B had used $((t1 - t0)) CPU ticks and $n pooled"
+    VERIFIED+=$'\n'"  exit $rc); 100 of 100 mesh requests through A got 200 over $n pooled"
     VERIFIED+=$'\n'"  connection(s) to B's inbound port were established; A's \`/admin/targets\` shows orders at B's inbound"
     VERIFIED+=$'\n'"  (127.0.0.1:$B_IN_PORT) and plain at the upstream (127.0.0.1:$UP_PORT)"
 }
@@ -500,41 +502,7 @@ errors_of() { # errors of a variant's runs, or "none"
 
 # --- main ----------------------------------------------------------------------------------------------------------
 
-ensure_tools
-ensure_sidecar
-CLK_TCK=$(getconf CLK_TCK)
-NCPU=$(nproc)
-if [[ $PIN != 0 ]]; then
-    if ((NCPU < 2)) && [[ $SIDECAR_CPU != "$LOAD_CPU" ]]; then
-        log "warning: $NCPU CPU: no pinning"
-        PIN=0
-    fi
-fi
-if [[ $PIN != 0 ]]; then
-    PIN_SIDECAR=(taskset -c "$SIDECAR_CPU")
-    PIN_LOAD=(taskset -c "$LOAD_CPU")
-    if ! "${PIN_SIDECAR[@]}" true || ! "${PIN_LOAD[@]}" true; then
-        die "taskset -c $SIDECAR_CPU / -c $LOAD_CPU failed (PIN=0 to run unpinned)"
-    fi
-else
-    PIN_SIDECAR=()
-    PIN_LOAD=()
-fi
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sidecar-mesh-bench.XXXXXX")
-chmod 755 "$TMP" # nginx workers run as another user when started as root
-mkdir -p "$TMP/out"
-RESULTS_KEEP=
-if [[ -n ${RESULTS_DIR:-} ]]; then
-    mkdir -p "$RESULTS_DIR"
-    RESULTS_KEEP=$(cd "$RESULTS_DIR" && pwd)
-fi
-
-# The binary measured is a copy: a rebuild during the run cannot swap it midway.
-mkdir -p "$TMP/bin"
-SIDECAR=$TMP/bin/sidecar
-cp "$SIDECAR_BIN" "$SIDECAR"
-SIDECAR_VERSION=$("$SIDECAR" --version 2>/dev/null | head -n 1 || echo "unknown")
+prepare_run "$SIDECAR_CPU" sidecar-mesh-bench
 NGINX_VERSION=$({ "$NGINX" -v 2>&1 || true; } | sed 's/.*version: nginx\///')
 OHA_VERSION=$({ "$OHA_BIN" --version 2>&1 || true; } | awk 'NR == 1 { print $NF }')
 

@@ -462,41 +462,7 @@ errors_of() { # errors of a setup's runs in a scenario, or "none"
 
 # --- main --------------------------------------------------------------------------------------------------------
 
-ensure_tools
-ensure_sidecar
-CLK_TCK=$(getconf CLK_TCK)
-NCPU=$(nproc)
-if [[ $PIN != 0 ]]; then
-    if ((NCPU < 2)) && [[ $PROXY_CPU != "$LOAD_CPU" ]]; then
-        log "warning: $NCPU CPU: no pinning"
-        PIN=0
-    fi
-fi
-if [[ $PIN != 0 ]]; then
-    PIN_PROXY=(taskset -c "$PROXY_CPU")
-    PIN_LOAD=(taskset -c "$LOAD_CPU")
-    if ! "${PIN_PROXY[@]}" true || ! "${PIN_LOAD[@]}" true; then
-        die "taskset -c $PROXY_CPU / -c $LOAD_CPU failed (PIN=0 to run unpinned)"
-    fi
-else
-    PIN_PROXY=()
-    PIN_LOAD=()
-fi
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sidecar-bench.XXXXXX")
-chmod 755 "$TMP" # nginx workers run as another user when started as root
-mkdir -p "$TMP/out"
-RESULTS_KEEP=
-if [[ -n ${RESULTS_DIR:-} ]]; then
-    mkdir -p "$RESULTS_DIR"
-    RESULTS_KEEP=$(cd "$RESULTS_DIR" && pwd)
-fi
-
-# The binary measured is a copy: a rebuild during the run cannot swap it midway.
-mkdir -p "$TMP/bin"
-SIDECAR=$TMP/bin/sidecar
-cp "$SIDECAR_BIN" "$SIDECAR"
-SIDECAR_VERSION=$("$SIDECAR" --version 2>/dev/null | head -n 1 || echo "unknown")
+prepare_run "$PROXY_CPU" sidecar-bench
 "$SIDECAR" check "$BENCH_DIR/bare.yaml" >"$TMP/check.out" 2>&1 || {
     cat "$TMP/check.out" >&2
     die "bench/bare.yaml does not validate"
