@@ -12,7 +12,7 @@ use actix_http::Uri;
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sidecar::dispatch::headers::strip_request;
-use sidecar::dispatch::route::route;
+use sidecar::dispatch::route::{Targets, route};
 use sidecar::dispatch::target::Upstream;
 use sidecar::policy::Policy;
 use sidecar::snapshot::Snapshot;
@@ -44,17 +44,26 @@ fn benches(c: &mut Criterion) {
         b.iter(|| prefixed.uri_for(black_box(&request)))
     });
 
+    // A worker's cache of parsed targets, warm as it is after an app's first call to a target.
+    let targets = Targets::default();
     let by_url = headers(&[("target", "http://orders:8080/api"), ("accept", "*/*")]);
     c.bench_function("route/target_url", |b| {
-        b.iter(|| route(&snapshot, black_box(&by_url)).map(|r| r.request_timeout))
+        b.iter(|| route(&snapshot, black_box(&by_url), &targets).map(|r| r.request_timeout))
+    });
+    c.bench_function("route/target_url_first_call", |b| {
+        b.iter_batched_ref(
+            Targets::default,
+            |cold| route(&snapshot, black_box(&by_url), cold).map(|r| r.request_timeout),
+            criterion::BatchSize::SmallInput,
+        )
     });
     let by_service = headers(&[("target", "orders"), ("internal", "true")]);
     c.bench_function("route/internal_service", |b| {
-        b.iter(|| route(&snapshot, black_box(&by_service)).map(|r| r.request_timeout))
+        b.iter(|| route(&snapshot, black_box(&by_service), &targets).map(|r| r.request_timeout))
     });
     let by_rule = headers(&[("environment", "dev"), ("accept", "*/*")]);
     c.bench_function("route/dispatch_rule", |b| {
-        b.iter(|| route(&snapshot, black_box(&by_rule)).map(|r| r.request_timeout))
+        b.iter(|| route(&snapshot, black_box(&by_rule), &targets).map(|r| r.request_timeout))
     });
 
     let guarded = Snapshot::from_policy(
@@ -65,7 +74,7 @@ fn benches(c: &mut Criterion) {
         .expect("valid policy"),
     );
     c.bench_function("route/target_url_allow_list", |b| {
-        b.iter(|| route(&guarded, black_box(&by_url)).map(|r| r.request_timeout))
+        b.iter(|| route(&guarded, black_box(&by_url), &targets).map(|r| r.request_timeout))
     });
 
     let typical = headers(&[

@@ -325,7 +325,10 @@ impl Instruments {
 
 /// Fx hashing (rustc's): the keys are a short string and three addresses, so a fast hasher is enough.
 #[derive(Debug, Default)]
-pub(crate) struct FxHasher(u64);
+pub struct FxHasher(u64);
+
+/// A map whose keys come from the operator's policy or this worker's own traffic, hashed with [`FxHasher`].
+pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -28,7 +28,7 @@ use futures_util::{Stream, StreamExt, stream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
-use super::route::{Dest, route};
+use super::route::{Dest, Targets, route};
 use super::target::Upstream;
 use crate::access_log::{Record, Sampler};
 use crate::balance::stable_hash;
@@ -81,6 +81,8 @@ pub struct Forwarder {
     identity: Option<Arc<crate::mesh::Identity>>,
     /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
     mesh_clients: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
+    /// The `target` URLs this worker has parsed.
+    targets: Targets,
     instruments: Instruments,
     sampler: Sampler,
 }
@@ -106,6 +108,7 @@ impl Forwarder {
             settings,
             identity,
             mesh_clients: std::cell::RefCell::default(),
+            targets: Targets::default(),
             instruments: Instruments::default(),
             sampler: Sampler::default(),
         }
@@ -226,7 +229,7 @@ impl Forwarder {
                     ),
                 ));
             }
-            let route = route(&snapshot, &head.headers)?;
+            let route = route(&snapshot, &head.headers, &self.targets)?;
             labels.service = route.label.clone();
             let (upstreams, target) = match route.upstream {
                 Dest::Url(u) => {
@@ -402,7 +405,8 @@ impl Forwarder {
                 }
                 None => body.send(&frozen),
             };
-            let result = tokio::time::timeout(limit, sending).await;
+            // The attempt's deadline from the clock read just taken, not from another one.
+            let result = tokio::time::timeout_at((now + limit).into(), sending).await;
             let elapsed = now.elapsed();
             let result = match result {
                 Ok(Ok(response)) => Ok(response),
@@ -652,7 +656,7 @@ struct Plan {
 }
 
 enum Upstreams {
-    One(Upstream),
+    One(Arc<Upstream>),
     Service(Arc<Service>),
 }
 

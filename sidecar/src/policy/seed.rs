@@ -16,7 +16,7 @@
 //! The same mapping is accepted standalone (a seed `config.yaml`, named by `SIDECAR_CONFIG`) and under
 //! `dispatch:` in a policy file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ use serde::de::{self, Deserializer, Visitor};
 
 use super::{Issue, PolicyErrors, Sources};
 use crate::dispatch::target::Upstream;
+use crate::telemetry::FxHashMap;
 
 /// Compiled dispatch rules: header lookups and pre-parsed destinations, ready for the request path.
 #[derive(Debug, Clone)]
@@ -35,13 +36,14 @@ pub struct DispatchRules {
     /// Where requests go when no rewrite matches: the top-level `destination`, no patch.
     pub default: Arc<Rewrite>,
     /// Rewrites by exact header value.
-    pub rewrites: HashMap<Box<[u8]>, Arc<Rewrite>>,
+    pub rewrites: FxHashMap<Box<[u8]>, Arc<Rewrite>>,
 }
 
 /// One rewrite: headers to set and where to send the request.
 #[derive(Debug)]
 pub struct Rewrite {
-    pub destination: Upstream,
+    /// Shared with every request sent there: routing one costs a reference count, not a copy.
+    pub destination: Arc<Upstream>,
     pub patch: Vec<(HeaderName, HeaderValue)>,
 }
 
@@ -165,7 +167,7 @@ impl RawDispatch {
                 None
             }
             Some(d) => match Upstream::parse(d) {
-                Ok(u) => Some(u),
+                Ok(u) => Some(Arc::new(u)),
                 Err(why) => {
                     issues.push(Issue::new(
                         file,
@@ -177,7 +179,8 @@ impl RawDispatch {
             },
         };
 
-        let mut rewrites = HashMap::with_capacity(rewrites_raw.len());
+        let mut rewrites =
+            FxHashMap::with_capacity_and_hasher(rewrites_raw.len(), Default::default());
         for (value, rewrite) in rewrites_raw {
             let field = at(&format!("rewrites.{}", value.0));
             let rewrite = rewrite.unwrap_or_default();
@@ -206,7 +209,7 @@ impl RawDispatch {
             let destination = match rewrite.destination.as_deref() {
                 None => default.clone(),
                 Some(d) => match Upstream::parse(d) {
-                    Ok(u) => Some(u),
+                    Ok(u) => Some(Arc::new(u)),
                     Err(why) => {
                         issues.push(Issue::new(
                             file,
