@@ -232,6 +232,102 @@ async fn a_gibibyte_chunked_upload_streams_to_a_stalled_upstream_in_bounded_memo
     assert!(peak < RSS_LIMIT, "the sidecar peaked at {} MiB", peak / MIB);
 }
 
+/// The byte at `offset` of the sized upload: a period (251) that no write size divides, so a dropped,
+/// repeated or reordered piece shows.
+fn pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+#[actix_rt::test]
+async fn a_sized_upload_arrives_byte_for_byte_and_a_stalled_upstream_holds_it_back() {
+    // Writes of mixed sizes: small ones gather in the sidecar's write buffer, large ones go to the socket
+    // from their own buffer. The upstream reads 1 MiB, stalls until told to go on, then checks every byte.
+    const LEN: u64 = 64 * MIB + 12_345;
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let resume = go_on.clone();
+    let upstream_task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (head, rest) = read_head(&mut s).await;
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-length: {LEN}")),
+            "{head}"
+        );
+        let mut got = 0u64;
+        let mut wrong = 0u64;
+        let mut check = |bytes: &[u8], got: &mut u64| {
+            for &b in bytes {
+                wrong += u64::from(b != pattern(*got));
+                *got += 1;
+            }
+        };
+        check(&rest, &mut got);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut stalled = false;
+        while got < LEN {
+            if !stalled && got >= MIB {
+                resume.notified().await;
+                stalled = true;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the upload ended after {got} bytes");
+            check(&buf[..n], &mut got);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+            .await
+            .unwrap();
+        (got, wrong)
+    });
+
+    let sidecar = start_sidecar();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let addr = sidecar.addr;
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!(
+                "POST /up HTTP/1.1\r\nhost: x\r\ntarget: http://{upstream}\r\ncontent-length: {LEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut offset = 0u64;
+        for size in [1_000u64, 70_000, 3, 300_000, 9_000].into_iter().cycle() {
+            let size = size.min(LEN - offset);
+            let piece: Vec<u8> = (offset..offset + size).map(pattern).collect();
+            c.write_all(&piece).await.unwrap();
+            offset += size;
+            counter.store(offset, Ordering::SeqCst);
+            if offset == LEN {
+                break;
+            }
+        }
+        read_head(&mut c).await
+    });
+
+    let stalled_at = settled(&sent).await;
+    assert!(
+        stalled_at < MIB + IN_FLIGHT_LIMIT,
+        "the app wrote {} MiB while the upstream had read 1 MiB",
+        stalled_at / MIB
+    );
+    go_on.notify_one();
+    let (head, _) = tokio::time::timeout(Duration::from_secs(60), client)
+        .await
+        .expect("the upload finished in time")
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (got, wrong) = upstream_task.await.unwrap();
+    assert_eq!(got, LEN);
+    assert_eq!(wrong, 0, "bytes arrived changed, out of order or twice");
+    let peak = sidecar.peak_rss();
+    assert!(peak < RSS_LIMIT, "the sidecar peaked at {} MiB", peak / MIB);
+}
+
 #[actix_rt::test]
 async fn a_chunked_response_reaches_the_app_chunk_by_chunk() {
     let second = Arc::new(tokio::sync::Notify::new());

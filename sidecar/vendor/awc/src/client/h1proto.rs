@@ -1,5 +1,5 @@
 use std::{
-    io::Write,
+    io::{self, Write},
     pin::{pin, Pin},
     task::{Context, Poll},
 };
@@ -136,6 +136,7 @@ where
             BodySize::None | BodySize::Sized(0) => {
                 poll_fn(|cx| pin_framed.as_mut().flush(cx)).await?;
             }
+            BodySize::Sized(total) => send_sized_body(body.as_mut(), pin_framed.as_mut(), total).await?,
             _ => send_body(body.as_mut(), pin_framed.as_mut(), first_chunk).await?,
         };
 
@@ -231,6 +232,60 @@ where
     }
 
     framed.get_mut().flush().await?;
+    Ok(())
+}
+
+/// Chunks of a sized body at least this long go to the socket from their own buffer.
+const DIRECT_WRITE: usize = 8 * 1024;
+
+/// Sends a body of known length. Small chunks gather in the write buffer as in [`send_body`]; a chunk of
+/// [`DIRECT_WRITE`] bytes or more is written to the socket straight from its own buffer once the buffer
+/// ahead of it is flushed, instead of being copied into the write buffer first (a second copy of every
+/// byte of a large upload). What goes on the wire is the same: the body capped at `total` bytes, and an
+/// `UnexpectedEof` error when it ends short.
+async fn send_sized_body<Io, B>(
+    mut body: Pin<&mut B>,
+    mut framed: Pin<&mut Framed<Io, h1::ClientCodec>>,
+    total: u64,
+) -> Result<(), SendRequestError>
+where
+    Io: ConnectionIo,
+    B: MessageBody,
+    B::Error: Into<BoxError>,
+{
+    let mut left = total;
+    while left > 0 {
+        let mut chunk = match poll_fn(|cx| body.as_mut().poll_next(cx)).await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(err)) => return Err(SendRequestError::Body(err.into())),
+            None => break,
+        };
+        // As the codec's length encoder does: bytes past the announced length are not sent.
+        chunk.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+        left -= chunk.len() as u64;
+        if chunk.len() < DIRECT_WRITE {
+            // The codec's own length count only ever sees these bytes, so it never caps them wrongly.
+            framed.as_mut().write(h1::Message::Chunk(Some(chunk)))?;
+            if framed.as_ref().is_write_buf_full() {
+                poll_fn(|cx| framed.as_mut().flush(cx)).await?;
+            }
+            continue;
+        }
+        poll_fn(|cx| framed.as_mut().flush(cx)).await?;
+        let mut io = framed.as_mut().io_pin();
+        let mut written = 0;
+        while written < chunk.len() {
+            let n = poll_fn(|cx| io.as_mut().poll_write(cx, &chunk[written..])).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            written += n;
+        }
+    }
+    if left > 0 {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    poll_fn(|cx| framed.as_mut().flush(cx)).await?;
     Ok(())
 }
 
