@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -61,6 +62,43 @@ async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
         assert!(n > 0, "connection closed before a response head");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Connects to the sidecar and sends the head of an upload (`POST /up`) to `upstream`, framed by `framing`
+/// (a `content-length` or `transfer-encoding` header line).
+async fn start_upload(sidecar: SocketAddr, upstream: SocketAddr, framing: &str) -> TcpStream {
+    let mut c = TcpStream::connect(sidecar).await.unwrap();
+    c.write_all(
+        format!("POST /up HTTP/1.1\r\nhost: x\r\ntarget: http://{upstream}\r\n{framing}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    c
+}
+
+/// The app's upload stalls behind the stalled upstream (with `sent` bytes written, at most
+/// [`IN_FLIGHT_LIMIT`] past the upstream's 1 MiB), then, once the upstream goes on, finishes with a 200
+/// within `within`. Returns where it stalled.
+async fn stalls_then_finishes(
+    sent: &AtomicU64,
+    go_on: &tokio::sync::Notify,
+    client: tokio::task::JoinHandle<(String, Vec<u8>)>,
+    within: Duration,
+) -> u64 {
+    let stalled_at = settled(sent).await;
+    assert!(
+        stalled_at < MIB + IN_FLIGHT_LIMIT,
+        "the app wrote {} MiB while the upstream had read 1 MiB",
+        stalled_at / MIB
+    );
+    go_on.notify_one();
+    let (head, _) = tokio::time::timeout(within, client)
+        .await
+        .expect("the upload finished in time")
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stalled_at
 }
 
 #[actix_rt::test]
@@ -184,15 +222,7 @@ async fn a_gibibyte_chunked_upload_streams_to_a_stalled_upstream_in_bounded_memo
     let counter = sent.clone();
     let addr = sidecar.addr;
     let client = tokio::spawn(async move {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(
-            format!(
-                "POST /up HTTP/1.1\r\nhost: x\r\ntarget: http://{upstream}\r\ntransfer-encoding: chunked\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+        let mut c = start_upload(addr, upstream, "transfer-encoding: chunked").await;
         let chunk = 256 * 1024;
         let mut framed = format!("{chunk:x}\r\n").into_bytes();
         framed.extend(std::iter::repeat_n(b'u', chunk));
@@ -206,18 +236,7 @@ async fn a_gibibyte_chunked_upload_streams_to_a_stalled_upstream_in_bounded_memo
         (head, body)
     });
 
-    let stalled_at = settled(&sent).await;
-    assert!(
-        stalled_at < MIB + IN_FLIGHT_LIMIT,
-        "the app wrote {} MiB while the upstream had read 1 MiB",
-        stalled_at / MIB
-    );
-    go_on.notify_one();
-    let (head, _) = tokio::time::timeout(Duration::from_secs(120), client)
-        .await
-        .expect("the upload finished in time")
-        .unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let stalled_at = stalls_then_finishes(&sent, &go_on, client, Duration::from_secs(120)).await;
     let raw = upstream_task.await.unwrap();
     assert!(
         raw > GIB,
@@ -286,15 +305,7 @@ async fn a_sized_upload_arrives_byte_for_byte_and_a_stalled_upstream_holds_it_ba
     let counter = sent.clone();
     let addr = sidecar.addr;
     let client = tokio::spawn(async move {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(
-            format!(
-                "POST /up HTTP/1.1\r\nhost: x\r\ntarget: http://{upstream}\r\ncontent-length: {LEN}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+        let mut c = start_upload(addr, upstream, &format!("content-length: {LEN}")).await;
         let mut offset = 0u64;
         for size in [1_000u64, 70_000, 3, 300_000, 9_000].into_iter().cycle() {
             let size = size.min(LEN - offset);
@@ -309,18 +320,7 @@ async fn a_sized_upload_arrives_byte_for_byte_and_a_stalled_upstream_holds_it_ba
         read_head(&mut c).await
     });
 
-    let stalled_at = settled(&sent).await;
-    assert!(
-        stalled_at < MIB + IN_FLIGHT_LIMIT,
-        "the app wrote {} MiB while the upstream had read 1 MiB",
-        stalled_at / MIB
-    );
-    go_on.notify_one();
-    let (head, _) = tokio::time::timeout(Duration::from_secs(60), client)
-        .await
-        .expect("the upload finished in time")
-        .unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stalls_then_finishes(&sent, &go_on, client, Duration::from_secs(60)).await;
     let (got, wrong) = upstream_task.await.unwrap();
     assert_eq!(got, LEN);
     assert_eq!(wrong, 0, "bytes arrived changed, out of order or twice");
