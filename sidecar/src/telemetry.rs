@@ -245,7 +245,7 @@ impl Key {
     }
 }
 
-type Cache = RefCell<HashMap<Key, Histogram, BuildHasherDefault<FxHasher>>>;
+type Cache = RefCell<FxHashMap<Key, Histogram>>;
 
 /// One worker's metric handles: registered once, then used without the registry's lookups and locks.
 #[derive(Debug)]

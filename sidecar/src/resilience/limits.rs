@@ -4,8 +4,7 @@
 //! Both are shared by every worker (one `Arc` per target), so a limit is the sidecar's, never multiplied by
 //! the worker count.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,7 +19,7 @@ use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::FxHasher;
+use super::FxHashMap;
 use crate::policy::resilience::{ConcurrencyPolicy, LimitKey, RateLimitPolicy};
 
 /// The in-flight limit of one target, with a bounded queue in front of it.
@@ -236,7 +235,7 @@ fn sf_string(name: &str) -> String {
 /// bucket until idle keys are evicted. Bounded memory whatever the clients send.
 #[derive(Debug)]
 pub struct BoundedStore {
-    map: RwLock<HashMap<ClientKey, Entry, BuildHasherDefault<FxHasher>>>,
+    map: RwLock<FxHashMap<ClientKey, Entry>>,
     max_keys: usize,
     overflow: InMemoryState,
     /// How long an untouched bucket takes to refill completely: after that it is the same as a new one.
@@ -254,7 +253,7 @@ struct Entry {
 impl BoundedStore {
     fn new(max_keys: usize, idle: Duration) -> Self {
         Self {
-            map: RwLock::new(HashMap::default()),
+            map: RwLock::new(FxHashMap::default()),
             max_keys,
             overflow: InMemoryState::default(),
             idle,

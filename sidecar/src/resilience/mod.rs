@@ -14,14 +14,12 @@ pub mod limits;
 pub mod monitor;
 pub mod retry;
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::{Arc, RwLock};
 
 use metrics::SharedString;
 
 use crate::policy::resilience::Resilience;
-pub(crate) use crate::telemetry::FxHasher;
+pub(crate) use crate::telemetry::FxHashMap;
 use breaker::Breaker;
 use budget::RetryBudget;
 use limits::{Concurrency, RateLimit};
@@ -80,7 +78,7 @@ impl Target {
 pub struct Authorities {
     pub policy: Resilience,
     label: SharedString,
-    map: RwLock<HashMap<Box<str>, Arc<Target>, BuildHasherDefault<FxHasher>>>,
+    map: RwLock<FxHashMap<Box<str>, Arc<Target>>>,
     overflow: Arc<Target>,
 }
 
@@ -98,7 +96,7 @@ impl Authorities {
             policy: policy.clone(),
             overflow: Arc::new(Target::new(policy, scope)),
             label,
-            map: RwLock::new(HashMap::default()),
+            map: RwLock::new(FxHashMap::default()),
         }
     }
 
