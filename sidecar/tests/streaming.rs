@@ -77,6 +77,15 @@ async fn start_upload(sidecar: SocketAddr, upstream: SocketAddr, framing: &str) 
     c
 }
 
+/// The upstream's side of an upload: accepts one connection and reads the request head, which must carry
+/// `framing`; returns the connection and the body bytes read with the head.
+async fn accept_upload(listener: TcpListener, framing: &str) -> (TcpStream, Vec<u8>) {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.to_ascii_lowercase().contains(framing), "{head}");
+    (s, rest)
+}
+
 /// The app's upload stalls behind the stalled upstream (with `sent` bytes written, at most
 /// [`IN_FLIGHT_LIMIT`] past the upstream's 1 MiB), then, once the upstream goes on, finishes with a 200
 /// within `within`. Returns where it stalled.
@@ -184,13 +193,7 @@ async fn a_gibibyte_chunked_upload_streams_to_a_stalled_upstream_in_bounded_memo
     let upstream = listener.local_addr().unwrap();
     let resume = go_on.clone();
     let upstream_task = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let (head, rest) = read_head(&mut s).await;
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "{head}"
-        );
+        let (mut s, rest) = accept_upload(listener, "transfer-encoding: chunked").await;
         let mut raw = rest.len() as u64;
         let mut buf = vec![0u8; 256 * 1024];
         while raw < MIB {
@@ -267,13 +270,7 @@ async fn a_sized_upload_arrives_byte_for_byte_and_a_stalled_upstream_holds_it_ba
     let upstream = listener.local_addr().unwrap();
     let resume = go_on.clone();
     let upstream_task = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let (head, rest) = read_head(&mut s).await;
-        assert!(
-            head.to_ascii_lowercase()
-                .contains(&format!("content-length: {LEN}")),
-            "{head}"
-        );
+        let (mut s, rest) = accept_upload(listener, &format!("content-length: {LEN}")).await;
         let mut got = 0u64;
         let mut wrong = 0u64;
         let mut check = |bytes: &[u8], got: &mut u64| {
