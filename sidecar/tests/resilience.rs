@@ -499,3 +499,46 @@ async fn retry_after_is_honoured_up_to_its_cap() {
     assert_eq!(later.header("retry-after"), Some("30"));
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_failure_share_over_the_threshold_opens_the_breaker_within_its_window() {
+    // Issue 15, item 3: with threshold 50 %, an upstream failing 55 % of requests did not open the breaker
+    // within two windows (an exponentially weighted average, judged only once a window had passed).
+    let served = Arc::new(AtomicUsize::new(0));
+    let n = served.clone();
+    // 11 of every 20 requests fail, spread evenly, the first one failing.
+    let upstream = RawUpstream::start(move |_| {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        if (i * 11) % 20 < 11 {
+            response(500, &[("content-length", "4")], b"boom")
+        } else {
+            response(200, &[("content-length", "2")], b"ok")
+        }
+    })
+    .await;
+    let sidecar = Sidecar::start(
+        "defaults:\n  retries:\n    max_retries: 0\n  circuit_breaker:\n    consecutive_failures: 0\n    failure_rate:\n      threshold: 50%\n      min_requests: 20\n      window: 10s\n    open:\n      base: 60s\n",
+    );
+    let target = upstream.url("/");
+    let mut conn = Conn::open(sidecar.addr).await;
+    let mut opened_after = None;
+    for i in 0..40 {
+        conn.send(&get_to(&target)).await;
+        let reply = conn.read(false).await;
+        if reply.header("x-sidecar-error") == Some("circuit-open") {
+            opened_after = Some(i);
+            break;
+        }
+        if reply.header("connection") == Some("close") {
+            conn = Conn::open(sidecar.addr).await;
+        }
+    }
+    let opened_after = opened_after.expect("55 % failures never opened a 50 % breaker");
+    // It may open once 20 outcomes are in: at the first failure from the 20th request on.
+    assert!(
+        (20..=22).contains(&opened_after),
+        "opened after {opened_after} requests"
+    );
+    assert_eq!(upstream.received().len(), opened_after);
+    sidecar.stop().await;
+}
