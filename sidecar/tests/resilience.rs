@@ -501,6 +501,57 @@ async fn retry_after_is_honoured_up_to_its_cap() {
 }
 
 #[actix_rt::test]
+async fn url_targets_past_1024_failing_authorities_do_not_share_one_breaker() {
+    // Issue 14, item 6: after more than 1,024 distinct failing authorities, every further authority shared
+    // one breaker, which the failures opened: a new, healthy upstream got 503 circuit-open.
+    let refused = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let healthy = RawUpstream::ok().await;
+    let sidecar = Sidecar::start("defaults:\n  retries:\n    max_retries: 0\n");
+    let mut conn = Conn::open(sidecar.addr).await;
+    // Every loopback address 127.0.x.y is local; nothing listens on this port on any of them.
+    for i in 0..1_100 {
+        let target = format!("http://127.0.{}.{}:{refused}/", 1 + i / 250, 1 + i % 250);
+        conn.send(&get_to(&target)).await;
+        let reply = conn.read(false).await;
+        assert_ne!(
+            reply.header("x-sidecar-error"),
+            Some("circuit-open"),
+            "authority {i} ({target}) met an open breaker it never failed"
+        );
+        assert!(reply.status >= 500, "{target}: {}", reply.status);
+        if reply.header("connection") == Some("close") {
+            conn = Conn::open(sidecar.addr).await;
+        }
+    }
+    let reply = get(sidecar.addr, "/", &[("target", &healthy.url("/"))]).await;
+    assert_eq!(
+        (reply.status, reply.header("x-sidecar-error")),
+        (200, None),
+        "a new, healthy upstream is served"
+    );
+    let targets = request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json();
+    let external = targets["external"].as_object().unwrap();
+    assert!(
+        external.contains_key(&healthy.addr.to_string()),
+        "the healthy upstream is listed"
+    );
+    assert!(
+        external.len() <= 1_024,
+        "{} external authorities listed",
+        external.len()
+    );
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
 async fn a_failure_share_over_the_threshold_opens_the_breaker_within_its_window() {
     // Issue 15, item 3: with threshold 50 %, an upstream failing 55 % of requests did not open the breaker
     // within two windows (an exponentially weighted average, judged only once a window had passed).

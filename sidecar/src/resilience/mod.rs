@@ -14,7 +14,9 @@ pub mod limits;
 pub mod monitor;
 pub mod retry;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use metrics::SharedString;
 
@@ -72,31 +74,51 @@ impl Target {
     }
 }
 
-/// Targets reached by URL (or by dispatch rules), one per authority, created on first use. Bounded: past
-/// `MAX_AUTHORITIES`, further authorities share one state.
+/// Targets reached by URL (or by dispatch rules), one per authority, created on first use.
+///
+/// Bounded: past [`MAX_AUTHORITIES`], the least recently used authorities (those no request holds first) are
+/// forgotten, an eighth at a time, so that a new authority always gets its own fresh state and one caller
+/// that tries many authorities cannot make the others share a breaker. A forgotten authority that is called
+/// again starts afresh. `GET /admin/targets` lists the same bounded set.
+///
+/// A known authority costs what it did before eviction existed: a read lock, a lookup and an `Arc` clone,
+/// plus one relaxed atomic read (and at most one store per clock tick) for its last use. The clock is coarse
+/// and cheap: milliseconds since creation, advanced when an authority is added (so it runs fine while new
+/// authorities pour in, when eviction matters) and by the monitor's tick every second.
 #[derive(Debug)]
 pub struct Authorities {
     pub policy: Resilience,
     label: SharedString,
-    map: RwLock<FxHashMap<Box<str>, Arc<Target>>>,
-    overflow: Arc<Target>,
+    map: RwLock<FxHashMap<Box<str>, Tracked>>,
+    limit: usize,
+    epoch: Instant,
+    /// Milliseconds since `epoch`, as of the last advance.
+    clock: AtomicU64,
 }
 
-const MAX_AUTHORITIES: usize = 1024;
+/// One authority's state and when it was last used (the coarse clock's reading).
+#[derive(Debug)]
+struct Tracked {
+    target: Arc<Target>,
+    used: AtomicU64,
+}
+
+/// Authorities tracked at once, for URL targets and again for dispatch destinations.
+pub const MAX_AUTHORITIES: usize = 1024;
 
 impl Authorities {
     pub fn new(policy: &Resilience, label: &'static str) -> Self {
-        let label = SharedString::const_str(label);
-        let scope = Scope {
-            service: label.clone(),
-            endpoint: Some(Arc::from("(others)")),
-            kind: Kind::Authority,
-        };
+        Self::with_limit(policy, label, MAX_AUTHORITIES)
+    }
+
+    fn with_limit(policy: &Resilience, label: &'static str, limit: usize) -> Self {
         Self {
             policy: policy.clone(),
-            overflow: Arc::new(Target::new(policy, scope)),
-            label,
+            label: SharedString::const_str(label),
             map: RwLock::new(FxHashMap::default()),
+            limit: limit.max(1),
+            epoch: Instant::now(),
+            clock: AtomicU64::new(0),
         }
     }
 
@@ -108,14 +130,30 @@ impl Authorities {
             .unwrap_or_else(|p| p.into_inner())
             .get(authority)
         {
-            return t.clone();
+            let now = self.clock.load(Ordering::Relaxed);
+            if t.used.load(Ordering::Relaxed) != now {
+                t.used.store(now, Ordering::Relaxed);
+            }
+            return t.target.clone();
         }
+        self.add(authority)
+    }
+
+    /// Advances the coarse clock to the real one and returns it.
+    fn advance(&self) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.clock.fetch_max(now, Ordering::Relaxed).max(now)
+    }
+
+    fn add(&self, authority: &str) -> Arc<Target> {
+        let now = self.advance();
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = map.get(authority) {
-            return t.clone();
+            t.used.store(now, Ordering::Relaxed);
+            return t.target.clone();
         }
-        if map.len() >= MAX_AUTHORITIES {
-            return self.overflow.clone();
+        if map.len() >= self.limit {
+            self.evict(&mut map);
         }
         let scope = Scope {
             service: self.label.clone(),
@@ -123,8 +161,42 @@ impl Authorities {
             kind: Kind::Authority,
         };
         let target = Arc::new(Target::new(&self.policy, scope));
-        map.insert(Box::from(authority), target.clone());
+        map.insert(
+            Box::from(authority),
+            Tracked {
+                target: target.clone(),
+                used: AtomicU64::new(now),
+            },
+        );
         target
+    }
+
+    /// Forgets the least recently used eighth of the authorities (at least one), preferring those no request
+    /// holds: one pass over the map per `limit / 8` new authorities.
+    fn evict(&self, map: &mut FxHashMap<Box<str>, Tracked>) {
+        let rank = |t: &Tracked| {
+            (
+                Arc::strong_count(&t.target) > 1,
+                t.used.load(Ordering::Relaxed),
+            )
+        };
+        let count = (self.limit / 8).clamp(1, map.len());
+        let mut ranks: Vec<(bool, u64)> = map.values().map(rank).collect();
+        let (_, &mut cutoff, _) = ranks.select_nth_unstable(count - 1);
+        // Everything ranked below the cutoff goes, and of those tied with it only as many as make `count`.
+        let below = ranks.iter().filter(|&&r| r < cutoff).count();
+        let mut ties = count - below;
+        map.retain(|_, t| {
+            let r = rank(t);
+            if r < cutoff {
+                false
+            } else if r == cutoff && ties > 0 {
+                ties -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Every authority's state, by authority.
@@ -132,18 +204,82 @@ impl Authorities {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         let all: serde_json::Map<String, serde_json::Value> = map
             .iter()
-            .map(|(authority, t)| (authority.to_string(), t.state()))
+            .map(|(authority, t)| (authority.to_string(), t.target.state()))
             .collect();
         serde_json::Value::Object(all)
     }
 
-    /// Evicts idle rate-limit keys of every authority.
+    /// Evicts idle rate-limit keys of every authority, and moves the clock of last uses on (every second).
     pub fn evict_idle(&self) {
+        self.advance();
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        for t in map.values().chain([&self.overflow]) {
-            if let Some(limit) = &t.rate_limit {
+        for t in map.values() {
+            if let Some(limit) = &t.target.rate_limit {
                 limit.evict_idle();
             }
         }
+    }
+
+    /// Authorities tracked now.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authorities(limit: usize) -> Authorities {
+        Authorities::with_limit(&Resilience::default(), "external", limit)
+    }
+
+    #[test]
+    fn a_new_authority_past_the_limit_gets_its_own_state() {
+        let a = authorities(16);
+        let first: Vec<Arc<Target>> = (0..16).map(|i| a.get(&format!("h{i}:80"))).collect();
+        drop(first);
+        for i in 16..100 {
+            let t = a.get(&format!("h{i}:80"));
+            assert!(
+                Arc::ptr_eq(&t, &a.get(&format!("h{i}:80"))),
+                "h{i} keeps its state while it is used"
+            );
+            assert!(a.len() <= 16);
+        }
+        let fresh = a.get("new:80");
+        assert!(
+            fresh
+                .breaker
+                .as_ref()
+                .is_some_and(|b| b.state() == breaker::State::Closed)
+        );
+        assert!(a.state().get("new:80").is_some());
+        assert!(a.len() <= 16);
+    }
+
+    #[test]
+    fn the_least_recently_used_go_first_and_those_in_use_last() {
+        let a = authorities(8);
+        let held = a.get("held:80");
+        for i in 0..7 {
+            a.get(&format!("old{i}:80"));
+        }
+        // Time passes (the clock moves 10 ms); `old6` is used again, the others are not.
+        a.clock.fetch_add(10, Ordering::Relaxed);
+        let recent = a.get("old6:80");
+        drop(recent);
+        // Full: the next authority evicts one, the least recently used that no request holds.
+        a.get("new:80");
+        let state = a.state();
+        assert!(state.get("held:80").is_some(), "{state}");
+        assert!(state.get("old6:80").is_some(), "{state}");
+        assert!(state.get("new:80").is_some(), "{state}");
+        assert_eq!(a.len(), 8);
+        drop(held);
     }
 }
