@@ -71,8 +71,10 @@ pub struct Service {
     clock: Clock,
 }
 
-/// One endpoint of a service, with its own breaker (passive outlier ejection) when the service has more than
-/// one endpoint, and its load for the balancer.
+/// One endpoint of a service, with its own breaker (passive outlier ejection) when the service has
+/// `outlier_detection`, and its load for the balancer. The breaker is built even while the endpoint is its
+/// service's only one, when it is not used ([`Service::outlier`]), so that an endpoint kept when discovery
+/// adds others is ejected like them.
 #[derive(Debug)]
 pub struct Endpoint {
     pub upstream: Upstream,
@@ -160,12 +162,18 @@ impl Service {
                 b.forget();
             }
         }
+        // Scaled in to one: ejection needs somewhere else to go, so an endpoint ejected before is readmitted
+        // and the service's breaker guards it from now on.
+        if let [alone] = next.endpoints.as_slice()
+            && let Some(b) = &alone.breaker
+        {
+            b.readmit();
+        }
         next
     }
 
     fn set_endpoints(&mut self, upstreams: &[Upstream], previous: &[Arc<Endpoint>]) {
         let resilience = &self.policy.resilience;
-        let several = upstreams.len() > 1;
         if let Some(e) = &self.ejections {
             e.resize(upstreams.len());
         }
@@ -184,10 +192,8 @@ impl Service {
                 };
                 Arc::new(Endpoint {
                     upstream: upstream.clone(),
-                    // Ejection needs somewhere else to go: a service with one endpoint has the service's breaker.
                     breaker: resilience
                         .outliers
-                        .filter(|_| several)
                         .map(|p| Breaker::with_ejections(p, scope, self.ejections.clone())),
                     label: SharedString::from(authority),
                     load: Load::default(),
@@ -197,6 +203,16 @@ impl Service {
             .collect();
         self.ring = (resilience.balancer.kind == BalancerKind::ConsistentHash)
             .then(|| Ring::new(self.endpoints.iter().map(|e| e.label.as_ref())));
+    }
+
+    /// The breaker that ejects endpoint `index`: none while the service has one endpoint (ejection needs
+    /// somewhere else to go; the service's breaker guards it), nor without `outlier_detection`.
+    pub fn outlier(&self, index: usize) -> Option<&Arc<Breaker>> {
+        if self.endpoints.len() > 1 {
+            self.endpoints.get(index).and_then(|e| e.breaker.as_ref())
+        } else {
+            None
+        }
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -209,12 +225,14 @@ impl Service {
         let endpoints: Vec<serde_json::Value> = self
             .endpoints
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
+                let breaker = self.outlier(i);
                 serde_json::json!({
                     "address": e.label.as_ref(),
-                    "breaker": e.breaker.as_ref().map(|b| b.state().as_str()),
+                    "breaker": breaker.map(|b| b.state().as_str()),
                     "healthy": e.healthy.load(Ordering::Acquire),
-                    "available": e.breaker.as_ref().is_none_or(|b| b.is_available()),
+                    "available": breaker.is_none_or(|b| b.is_available()),
                     "in_flight": e.load.in_flight(),
                     "latency_ewma_ms": (e.load.latency_ns(now, decay) / 1e6 * 1000.0).round() / 1000.0,
                 })
@@ -232,8 +250,8 @@ impl Service {
     }
 
     fn available(&self, index: usize) -> bool {
-        let e = &self.endpoints[index];
-        e.healthy.load(Ordering::Acquire) && e.breaker.as_ref().is_none_or(|b| b.is_available())
+        self.endpoints[index].healthy.load(Ordering::Acquire)
+            && self.outlier(index).is_none_or(|b| b.is_available())
     }
 
     /// Chooses the endpoint for an attempt with the service's balancer, among the endpoints not ejected,

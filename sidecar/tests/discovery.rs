@@ -306,3 +306,144 @@ async fn a_hosts_file_is_followed_when_it_changes() {
     let _ = std::fs::remove_dir_all(&dir);
     sidecar.stop().await;
 }
+
+/// A hosts file in its own directory, replaced by rename as editors and config maps do.
+struct HostsFile {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl HostsFile {
+    fn new(hosts: &[std::net::SocketAddr]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sidecar-hosts-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hosts.json");
+        let hosts_file = Self { dir, file };
+        hosts_file.set(hosts);
+        hosts_file
+    }
+
+    fn set(&self, hosts: &[std::net::SocketAddr]) {
+        let staged = self.dir.join("hosts.json.new");
+        let list: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        std::fs::write(&staged, format!("[{}]", list.join(", "))).unwrap();
+        std::fs::rename(&staged, &self.file).unwrap();
+    }
+}
+
+impl Drop for HostsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn orders_state(sidecar: &Sidecar) -> serde_json::Value {
+    request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json()["services"]["orders"]
+        .clone()
+}
+
+/// Until the service has `n` endpoints.
+async fn wait_endpoints(sidecar: &Sidecar, n: usize) {
+    let deadline = Instant::now() + support::DEADLINE;
+    while orders_state(sidecar).await["endpoints"]
+        .as_array()
+        .map_or(0, Vec::len)
+        != n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the service never had {n} endpoints"
+        );
+    }
+}
+
+/// Round robin, no retries and no service breaker, so that every failure shows; failing endpoints ejected
+/// after 3 failures for a minute.
+fn ejecting_policy(hosts: &HostsFile) -> String {
+    format!(
+        "services:\n  orders:\n    discovery:\n      hosts_file: '{}'\n    load_balancer:\n      policy: round_robin\n    retries:\n      max_retries: 0\n    circuit_breaker:\n      enabled: false\n    outlier_detection:\n      consecutive_failures: 3\n      base_ejection_time: 60s\n",
+        hosts.file.display()
+    )
+}
+
+#[actix_rt::test]
+async fn an_endpoint_that_was_alone_is_ejected_once_discovery_adds_others() {
+    // Issue 15, item 2: an endpoint created while it was its service's only one kept no breaker when
+    // discovery added more: it answered 503 forever and was never ejected.
+    let failing =
+        RawUpstream::start(|_| support::response(503, &[("content-length", "0")], b"")).await;
+    let ok = RawUpstream::ok().await;
+    let hosts = HostsFile::new(&[failing.addr]);
+    let sidecar = Sidecar::start(&ejecting_policy(&hosts));
+    wait_endpoints(&sidecar, 1).await;
+    hosts.set(&[failing.addr, ok.addr]);
+    wait_endpoints(&sidecar, 2).await;
+
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(call(&sidecar).await);
+    }
+    assert_eq!(failing.received().len(), 3, "ejected after 3 failures");
+    assert!(
+        statuses[10..].iter().all(|&s| s == 200),
+        "once ejected, every request is served: {statuses:?}"
+    );
+    assert_eq!(orders_state(&sidecar).await["ejected"], 1);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_ejected_endpoint_left_alone_by_discovery_is_readmitted() {
+    // The reverse: scaled in to one, an ejected endpoint has nowhere else to send its traffic; it is
+    // readmitted at once (the service's breaker guards it from then on) rather than refusing every request
+    // with 503 no-healthy-endpoint until its ejection ends.
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healthy.clone();
+    let flaky = RawUpstream::start(move |_| {
+        if h.load(std::sync::atomic::Ordering::SeqCst) {
+            support::response(200, &[("content-length", "2")], b"ok")
+        } else {
+            support::response(503, &[("content-length", "0")], b"")
+        }
+    })
+    .await;
+    let ok = RawUpstream::ok().await;
+    let hosts = HostsFile::new(&[flaky.addr, ok.addr]);
+    let sidecar = Sidecar::start(&ejecting_policy(&hosts));
+    wait_endpoints(&sidecar, 2).await;
+    for _ in 0..10 {
+        call(&sidecar).await;
+    }
+    assert_eq!(orders_state(&sidecar).await["ejected"], 1);
+
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    hosts.set(&[flaky.addr]);
+    wait_endpoints(&sidecar, 1).await;
+    let before = flaky.received().len();
+    for _ in 0..5 {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(
+            (reply.status, reply.header("x-sidecar-error")),
+            (200, None),
+            "the only endpoint left serves"
+        );
+    }
+    assert_eq!(flaky.received().len(), before + 5);
+    let state = orders_state(&sidecar).await;
+    assert_eq!(state["ejected"], 0, "{state}");
+    sidecar.stop().await;
+}

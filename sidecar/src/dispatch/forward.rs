@@ -684,10 +684,8 @@ impl Plan {
             Upstreams::Service(s) => s,
         };
         let refused = |service: &Service| {
-            let wait = service
-                .endpoints
-                .iter()
-                .filter_map(|e| e.breaker.as_ref().map(|b| b.remaining_open()))
+            let wait = (0..service.endpoints.len())
+                .filter_map(|i| service.outlier(i).map(|b| b.remaining_open()))
                 .min()
                 .unwrap_or_default();
             ProxyError::new(
@@ -701,7 +699,7 @@ impl Plan {
             .pick(avoid, self.hash)
             .ok_or_else(|| refused(service))?;
         let endpoint = &service.endpoints[index];
-        let ticket = match endpoint.breaker.as_ref().map(Breaker::admit) {
+        let ticket = match service.outlier(index).map(Breaker::admit) {
             None => None,
             Some(Admit::Pass(t)) => Some(t),
             Some(Admit::Refuse(_)) => return Err(refused(service)),

@@ -163,8 +163,8 @@ impl Monitor {
             if let Some(b) = &service.target.breaker {
                 metrics::gauge!(BREAKER_STATE, "service" => label.clone()).set(b.state().gauge());
             }
-            for e in &service.endpoints {
-                if let Some(b) = &e.breaker {
+            for (i, e) in service.endpoints.iter().enumerate() {
+                if let Some(b) = service.outlier(i) {
                     metrics::gauge!(
                         ENDPOINT_BREAKER_STATE,
                         "service" => label.clone(),
