@@ -266,8 +266,20 @@ impl Service {
         let balancer = &self.policy.resilience.balancer;
         let chosen = match balancer.kind {
             BalancerKind::RoundRobin => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n).map(|i| (start + i) % n).find(|&i| eligible(i))
+                // A turn that falls on an endpoint out of rotation is used up, not handed to the next one:
+                // the neighbour of an ejected endpoint would otherwise get two turns per round. A race with
+                // other workers' turns may skip an endpoint in these `n` turns; then the next one in order.
+                let mut turn = 0;
+                (0..n)
+                    .find_map(|_| {
+                        turn = self.next.fetch_add(1, Ordering::Relaxed);
+                        Some(turn % n).filter(|&i| eligible(i))
+                    })
+                    .or_else(|| {
+                        (1..=n)
+                            .map(|k| turn.wrapping_add(k) % n)
+                            .find(|&i| eligible(i))
+                    })
             }
             BalancerKind::P2cEwma => {
                 let now = self.clock.now_ns();

@@ -315,3 +315,80 @@ async fn active_health_checks_take_an_endpoint_out_and_bring_it_back() {
     assert_eq!(served(&checked), 10, "back in rotation");
     sidecar.stop().await;
 }
+
+async fn call_orders(sidecar: &Sidecar) -> u16 {
+    get(
+        sidecar.addr,
+        "/",
+        &[("target", "orders"), ("internal", "true")],
+    )
+    .await
+    .status
+}
+
+/// The requests each upstream got during `calls` more sequential calls.
+async fn shares(sidecar: &Sidecar, upstreams: &[&RawUpstream], calls: usize) -> Vec<usize> {
+    let before: Vec<usize> = upstreams.iter().map(|u| u.received().len()).collect();
+    for _ in 0..calls {
+        call_orders(sidecar).await;
+    }
+    upstreams
+        .iter()
+        .zip(before)
+        .map(|(u, b)| u.received().len() - b)
+        .collect()
+}
+
+#[actix_rt::test]
+async fn round_robin_does_not_double_the_load_on_the_neighbour_of_an_ejected_endpoint() {
+    // Issue 15, item 4: with one of four ejected, the other three got 50 / 25 / 25 %.
+    let down = RawUpstream::start(|_| response(503, &[("content-length", "0")], b"")).await;
+    let (a, b, c) = (
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+    );
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}', '{}', '{}']\n    load_balancer:\n      policy: round_robin\n    retries:\n      max_retries: 0\n    circuit_breaker:\n      enabled: false\n    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
+        down.addr, a.addr, b.addr, c.addr
+    ));
+    for _ in 0..4 {
+        call_orders(&sidecar).await;
+    }
+    assert_eq!(down.received().len(), 1);
+    assert_eq!(targets(&sidecar).await["services"]["orders"]["ejected"], 1);
+    let got = shares(&sidecar, &[&a, &b, &c], 300).await;
+    eprintln!("one of four ejected: {got:?} of 300");
+    for n in &got {
+        assert!(
+            (90..=110).contains(n),
+            "shares {got:?}, a third each expected"
+        );
+    }
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn round_robin_gives_a_failing_endpoint_past_the_ejection_cap_only_its_share() {
+    // Issue 15, item 4: a failing endpoint that the cap keeps in rotation drew the ejected one's turns too.
+    let down = || RawUpstream::start(|_| response(503, &[("content-length", "0")], b""));
+    let (x, y, ok) = (down().await, down().await, RawUpstream::ok().await);
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}', '{}', '{}']\n    load_balancer:\n      policy: round_robin\n    retries:\n      max_retries: 0\n    circuit_breaker:\n      enabled: false\n    outlier_detection:\n      consecutive_failures: 1\n      base_ejection_time: 60s\n",
+        x.addr, y.addr, ok.addr
+    ));
+    for _ in 0..3 {
+        call_orders(&sidecar).await;
+    }
+    // 50 % of three: one is ejected (the first to fail), the other failing one stays in rotation.
+    assert_eq!(targets(&sidecar).await["services"]["orders"]["ejected"], 1);
+    let got = shares(&sidecar, &[&x, &y, &ok], 300).await;
+    eprintln!("past the ejection cap: {got:?} of 300");
+    let failing = got[0].max(got[1]);
+    assert_eq!(got[0].min(got[1]), 0, "one failing endpoint is ejected");
+    assert!(
+        (135..=165).contains(&failing),
+        "the failing endpoint in rotation got {failing} of 300, half expected"
+    );
+    sidecar.stop().await;
+}
