@@ -5,6 +5,10 @@
 //! Owns: the checks' schedule and counters. The verdict is one atomic flag per endpoint
 //! ([`crate::snapshot::Endpoint::healthy`]) that the balancer reads; endpoints keep it across discovery
 //! updates because they are shared between versions of the service.
+//!
+//! Each endpoint's checks start every `interval` from its first ([`next_due`]): a timer per endpoint, armed
+//! when a check ends for the next one's start, so neither the check's own time nor a polling tick stretches
+//! the interval. A tick only follows the snapshot's endpoint set, starting the first check of a new endpoint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use crate::snapshot::{Endpoint, SharedSnapshot};
 /// Health check results by service and result (`healthy`, `unhealthy`: transitions only).
 pub const TRANSITIONS: &str = "sidecar_health_check_transitions_total";
 
+/// How often the endpoint set is compared with the snapshot's (new endpoints get their first check then).
 const TICK: Duration = Duration::from_millis(100);
 
 pub fn describe() {
@@ -36,6 +41,9 @@ pub struct HealthChecker {
     client: Option<awc::Client>,
     /// By endpoint (the `Arc`'s address identifies it across discovery updates).
     checks: HashMap<usize, Check>,
+    /// Numbers each check's schedule, so that a timer armed for an endpoint that left never runs the checks
+    /// of another endpoint that got the same address.
+    generation: u64,
 }
 
 impl std::fmt::Debug for HealthChecker {
@@ -50,6 +58,8 @@ impl std::fmt::Debug for HealthChecker {
 struct Check {
     endpoint: Arc<Endpoint>,
     service: Arc<str>,
+    generation: u64,
+    /// When the next check starts.
     due: Instant,
     running: bool,
     successes: u32,
@@ -63,6 +73,7 @@ impl HealthChecker {
             settings: settings.clone(),
             client: None,
             checks: HashMap::new(),
+            generation: 0,
         }
     }
 
@@ -91,29 +102,35 @@ impl HealthChecker {
             keep
         });
         for (key, (service, endpoint)) in live {
-            self.checks.entry(key).or_insert_with(|| Check {
-                endpoint,
-                service,
-                due: now,
-                running: false,
-                successes: 0,
-                failures: 0,
-            });
-        }
-        let due: Vec<usize> = self
-            .checks
-            .iter()
-            .filter(|(_, c)| !c.running && c.due <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in due {
-            self.check(ctx, key);
+            if self.checks.contains_key(&key) {
+                continue;
+            }
+            self.generation += 1;
+            let generation = self.generation;
+            self.checks.insert(
+                key,
+                Check {
+                    endpoint,
+                    service,
+                    generation,
+                    due: now,
+                    running: false,
+                    successes: 0,
+                    failures: 0,
+                },
+            );
+            self.check(ctx, key, generation);
         }
     }
 
-    fn check(&mut self, ctx: &mut Context<Self>, key: usize) {
+    /// Runs the check of endpoint `key` that is due now, if its schedule is still `generation`'s.
+    fn check(&mut self, ctx: &mut Context<Self>, key: usize, generation: u64) {
         let snapshot = self.snapshot.load();
-        let Some(check) = self.checks.get_mut(&key) else {
+        let Some(check) = self
+            .checks
+            .get_mut(&key)
+            .filter(|c| c.generation == generation && !c.running)
+        else {
             return;
         };
         let Some(spec) = snapshot
@@ -124,6 +141,7 @@ impl HealthChecker {
             return;
         };
         check.running = true;
+        check.due = next_due(check.due, spec.interval, Instant::now());
         let uri = check
             .endpoint
             .upstream
@@ -153,12 +171,18 @@ impl HealthChecker {
                 Err(why) => Err(why),
             }
         };
-        ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
-            let Some(check) = this.checks.get_mut(&key) else {
+        ctx.spawn(probe.into_actor(self).map(move |result, this, ctx| {
+            let Some(check) = this
+                .checks
+                .get_mut(&key)
+                .filter(|c| c.generation == generation)
+            else {
                 return;
             };
             check.running = false;
-            check.due = Instant::now() + spec.interval;
+            // A check that overran its interval is followed by the next at once.
+            let wait = check.due.saturating_duration_since(Instant::now());
+            ctx.run_later(wait, move |this, ctx| this.check(ctx, key, generation));
             let healthy = check.endpoint.healthy.load(Ordering::Acquire);
             match result {
                 Ok(()) => {
@@ -189,5 +213,42 @@ impl Actor for HealthChecker {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(TICK, Self::tick);
+    }
+}
+
+/// When the check after one due at `due` and started at `now` starts: one `interval` after `due`, so that
+/// checks keep their rate whatever each one takes; an actor that fell more than an interval behind starts
+/// afresh from `now` rather than catching up with a burst.
+fn next_due(due: Instant, interval: Duration, now: Instant) -> Instant {
+    let next = due + interval;
+    if next > now { next } else { now + interval }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_start_every_interval_whatever_each_takes() {
+        let interval = Duration::from_millis(200);
+        let t0 = Instant::now();
+        let mut due = t0;
+        let mut starts = Vec::new();
+        for _ in 0..5 {
+            // Each check starts 3 ms late (a timer's lateness) and takes 40 ms: neither shifts the next.
+            let started = due + Duration::from_millis(3);
+            starts.push(started - t0);
+            due = next_due(due, interval, started);
+        }
+        let ms: Vec<u128> = starts.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [3, 203, 403, 603, 803]);
+    }
+
+    #[test]
+    fn a_check_started_far_too_late_does_not_bring_a_burst() {
+        let interval = Duration::from_millis(200);
+        let t0 = Instant::now();
+        let late = t0 + Duration::from_millis(700);
+        assert_eq!(next_due(t0, interval, late), late + interval);
     }
 }

@@ -392,3 +392,28 @@ async fn round_robin_gives_a_failing_endpoint_past_the_ejection_cap_only_its_sha
     );
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn health_checks_run_at_the_configured_interval() {
+    // Issue 15, item 5: a 100 ms tick plus scheduling from completion made 50 ms checks every 100 ms.
+    let upstream = RawUpstream::ok().await;
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  orders:\n    endpoints: ['{}']\n    health_check:\n      path: /healthz\n      interval: 50ms\n      timeout: 500ms\n",
+        upstream.addr
+    ));
+    upstream.wait_for(1).await;
+    let first = Instant::now();
+    upstream.wait_for(21).await;
+    let took = first.elapsed();
+    eprintln!("20 intervals of 50 ms took {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "checks ran faster than the interval: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1_400),
+        "20 intervals of 50 ms took {took:?}"
+    );
+    assert!(upstream.received().iter().all(|r| r.target == "/healthz"));
+    sidecar.stop().await;
+}
