@@ -10,112 +10,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use sidecar::certs::{Ca, Validity};
+use support::mesh::{DOMAIN, Pki, call, call_to, connector};
 use support::{RawUpstream, Sidecar};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-
-const DOMAIN: &str = "mesh.test";
-
-struct Pki {
-    dir: PathBuf,
-    ca: Ca,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        sidecar::install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("sidecar-mesh-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = Ca::generate(DOMAIN, Validity::default()).unwrap();
-        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
-        Self { dir, ca }
-    }
-
-    /// Writes `<service>.pem` and `<service>-key.pem` and returns their paths.
-    fn issue(&self, service: &str, validity: Validity) -> (PathBuf, PathBuf) {
-        let (chain, key) = self.ca.issue(DOMAIN, service, validity).unwrap();
-        let (c, k) = (
-            self.dir.join(format!("{service}.pem")),
-            self.dir.join(format!("{service}-key.pem")),
-        );
-        std::fs::write(&c, chain).unwrap();
-        std::fs::write(&k, key).unwrap();
-        (c, k)
-    }
-
-    fn policy(&self, app: SocketAddr) -> String {
-        let (cert, key) = self.issue("orders", Validity::default());
-        format!(
-            "mesh:\n  trust_domain: {DOMAIN}\n  identity: orders\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\n  inbound:\n    listen: 127.0.0.1:0\n    app: '{app}'\n",
-            self.dir.join("ca.pem").display(),
-            cert.display(),
-            key.display()
-        )
-    }
-}
-
-/// A TLS client trusting `ca`, presenting `identity` (chain and key files) when given.
-fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let config = match identity {
-        Some((chain, key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    TlsConnector::from(Arc::new(config))
-}
-
-/// One GET over TLS: the response status, or the error that ended the exchange.
-async fn call(tls: &TlsConnector, addr: SocketAddr, extra: &str) -> Result<u16, String> {
-    call_to(tls, addr, "GET /hello", extra).await
-}
-
-/// One request (`"METHOD /path"`) over TLS.
-async fn call_to(
-    tls: &TlsConnector,
-    addr: SocketAddr,
-    line: &str,
-    extra: &str,
-) -> Result<u16, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let request = format!(
-        "{line} HTTP/1.1\r\nhost: orders\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = Vec::new();
-    // TLS 1.3 reports a refused client certificate on the first read, not in the handshake.
-    stream
-        .read_to_end(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&answer);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no HTTP answer: {text:?}"))
-}
 
 #[actix_rt::test]
 async fn a_peer_with_a_mesh_certificate_reaches_the_app_with_its_identity() {
@@ -697,3 +599,4 @@ async fn an_inbound_concurrency_limit_protects_the_app() {
     assert_eq!(first.await.unwrap(), Ok(200));
     sidecar.stop().await;
 }
+
