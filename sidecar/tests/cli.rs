@@ -396,6 +396,8 @@ async fn every_inbound_request_gets_an_access_log_line_with_the_peer_identity() 
         .env_remove("SIDECAR_CONFIG");
     let (sidecar, stdout) = SidecarProcess::spawn_capturing_stdout(cmd);
     let rx = lines(stdout);
+    // The egress listener is bound first: wait for the inbound one too.
+    support::process::until_listening(inbound);
 
     let status = call_to(
         &pki.peer("payments"),

@@ -213,6 +213,8 @@ async fn an_inbound_request_leaves_a_server_span_with_the_peer_identity_and_the_
         .env_remove("SIDECAR_CONFIG")
         .current_dir(std::env::temp_dir());
     let sidecar = SidecarProcess::spawn(cmd);
+    // The egress listener is bound first: wait for the inbound one too.
+    support::process::until_listening(inbound);
 
     let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "10f067aa0ba902b7";
