@@ -266,17 +266,21 @@ struct MeshState {
     prepared: Option<Prepared>,
 }
 
-/// Builds the inbound server: the identity's TLS versions, the shared settings, the policy's pool and workers.
+/// Builds the inbound server: the identity's TLS versions, the shared settings, the policy's pool, workers and
+/// drain timeout.
 fn inbound_builder(
     identity: Arc<Identity>,
     settings: SharedSettings,
     snapshot: SharedSnapshot,
     upstream: UpstreamSettings,
-    workers: usize,
+    listeners: &crate::policy::Listeners,
 ) -> impl FnOnce(TcpListener) -> std::io::Result<Server> {
+    let (workers, drain) = (listeners.workers, listeners.drain_timeout);
     move |listener| {
-        crate::mesh::server(&identity, settings, snapshot, &upstream, listener, workers)
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+        crate::mesh::server(
+            &identity, settings, snapshot, &upstream, listener, workers, drain,
+        )
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }
 }
 
@@ -389,7 +393,7 @@ impl MeshState {
                     settings,
                     snapshot.clone(),
                     next.upstream.clone(),
-                    next.listeners.workers,
+                    &next.listeners,
                 );
                 match slot {
                     Some(slot) => {
@@ -397,6 +401,7 @@ impl MeshState {
                         let (a, b) = (&running.upstream, &next.upstream);
                         let rebuilt = was.tls12 != mesh.tls12
                             || running.listeners.workers != next.listeners.workers
+                            || running.listeners.drain_timeout != next.listeners.drain_timeout
                             || a.timeouts.connect != b.timeouts.connect
                             || a.idle_timeout != b.idle_timeout
                             || a.max_connections != b.max_connections;
@@ -606,7 +611,7 @@ pub fn start(
                         settings.clone(),
                         snapshot.clone(),
                         policy.upstream.clone(),
-                        policy.listeners.workers,
+                        &policy.listeners,
                     ),
                 )?),
                 _ => None,

@@ -207,6 +207,7 @@ pub fn server(
     upstream: &UpstreamSettings,
     listener: TcpListener,
     workers: usize,
+    drain_timeout: Duration,
 ) -> anyhow::Result<Server> {
     let config = identity.server_config();
     let pool = upstream.clone();
@@ -227,6 +228,9 @@ pub fn server(
     })
     .workers(workers)
     .disable_signals()
+    // Requests in flight when the listener is replaced or the sidecar drains get the drain timeout, as on the
+    // egress listener.
+    .shutdown_timeout(drain_timeout.as_secs().max(1))
     .tcp_nodelay(true)
     .on_connect(on_connect)
     .listen_rustls_0_23(listener, config)?
