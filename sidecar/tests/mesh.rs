@@ -778,3 +778,45 @@ async fn a_reload_naming_an_unusable_certificate_is_rejected_and_the_old_one_kee
     assert_eq!(call(&payments, inbound, "").await, Ok(200));
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_inbound_address_already_taken_is_reported_and_the_old_listener_stays_until_a_later_reload()
+ {
+    let pki = Pki::new("inbound-taken");
+    let app = RawUpstream::ok().await;
+    let (cert, key) = pki.issue("orders", Validity::default());
+    let file = policy_file(&pki, &pki.policy_with(app.addr, "127.0.0.1:0", &cert, &key));
+    let sidecar = Sidecar::start_path(&file);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let payments = pki.peer("payments");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let moved = pki.policy_with(app.addr, &addr.to_string(), &cert, &key);
+    replace(&file, &moved);
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report["restart_required"][0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("mesh.inbound.listen: cannot move to {addr}: ")),
+        "{report}"
+    );
+    assert_eq!(call(&payments, inbound, "").await, Ok(200));
+
+    // The address is free now: the next reload that changes the file moves the listener.
+    drop(taken);
+    replace(&file, &format!("{moved}# again\n"));
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["listener_changes"],
+        serde_json::json!([format!(
+            "mesh inbound listener restarted on {addr}; the previous one drains"
+        )]),
+        "{report}"
+    );
+    assert_eq!(call(&payments, addr, "").await, Ok(200));
+    sidecar.stop().await;
+}
