@@ -62,6 +62,10 @@ pub struct Record {
     pub error: Option<&'static str>,
     /// The request's trace id, when traces are on.
     pub trace_id: Option<String>,
+    /// Which listener served it: `egress` (the app's calls out) or `inbound` (mesh peers' calls in).
+    pub direction: &'static str,
+    /// The mesh peer's SPIFFE identity, for an inbound request.
+    pub peer: Option<std::sync::Arc<str>>,
 }
 
 impl Record {
@@ -105,6 +109,13 @@ impl Record {
         out.extend_from_slice(b",\"trace_id\":");
         match &self.trace_id {
             Some(t) => json_string(out, t),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"direction\":");
+        json_string(out, self.direction);
+        out.extend_from_slice(b",\"peer\":");
+        match &self.peer {
+            Some(p) => json_string(out, p),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b"}\n");
@@ -315,6 +326,8 @@ mod tests {
             bytes_out: 5,
             error: Some("upstream-reset"),
             trace_id: None,
+            direction: "inbound",
+            peer: Some("spiffe://mesh.test/service/pay\"ments".into()),
         };
         let mut line = Vec::new();
         record.write_json(&mut line);
@@ -323,6 +336,8 @@ mod tests {
         assert_eq!(value["method"], "PURGE");
         assert_eq!(value["duration_ms"], 1.5);
         assert!(value["upstream"].is_null());
+        assert_eq!(value["direction"], "inbound");
+        assert_eq!(value["peer"], "spiffe://mesh.test/service/pay\"ments");
         assert!(line.ends_with(b"}\n"));
         let with_query = Record {
             query: true,

@@ -1,9 +1,13 @@
-//! Listeners: the egress listener that apps call on `localhost:5000`, and the admin listener.
+//! Listeners: the egress listener that apps call on `localhost:5000`, the admin listener, and the mesh's
+//! inbound listener.
 //!
 //! Owns: building the actix-web servers (one [`Forwarder`], and so one upstream client, per egress worker),
 //! starting the policy store, SIGHUP, and replacing a listener's server when a reload changes its address,
 //! its worker count or its upstream pool settings: the new server starts first, the old one drains, and the
-//! other listener's connections are never touched. Does not own: what a request does (see
+//! other listener's connections are never touched. For the mesh, a reload's new certificate files are read
+//! and checked before anything changes (a bad set rejects the reload), the inbound settings (app, timeout,
+//! authorization, limits) are swapped without a new listener, and a new address or TLS versions restart the
+//! inbound listener. Does not own: what a request does (see
 //! [`crate::dispatch`]). Called by `main.rs` and by the tests, which hand it pre-bound listeners.
 
 use std::cell::RefCell;
@@ -21,8 +25,9 @@ use actix_web::dev::{Server, ServerHandle};
 
 use crate::admin::Draining;
 use crate::dispatch::{client, forward::Forwarder};
+use crate::mesh::{Identity, Prepared, Settings, SharedSettings};
 use crate::policy::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
-use crate::policy::{Policy, UpstreamSettings};
+use crate::policy::{Inbound, Mesh, Policy, UpstreamSettings};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// How long the egress listener keeps an idle app connection: longer than common client pool idle timeouts
@@ -119,7 +124,7 @@ async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) 
 struct EgressFactory {
     snapshot: SharedSnapshot,
     tls: Arc<rustls::ClientConfig>,
-    identity: Option<Arc<crate::mesh::Identity>>,
+    identity: Option<Arc<Identity>>,
 }
 
 impl EgressFactory {
@@ -164,6 +169,38 @@ struct Slot {
     handle: ServerHandle,
 }
 
+/// A server built on its listener but not running yet (a `Server` does nothing until it is spawned).
+struct Built {
+    addr: SocketAddr,
+    socket: TcpListener,
+    server: Server,
+}
+
+impl Built {
+    fn new(
+        listener: TcpListener,
+        build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let socket = listener.try_clone()?;
+        Ok(Self {
+            addr,
+            socket,
+            server: build(listener)?,
+        })
+    }
+
+    fn spawn(self, tasks: &Rc<RefCell<Tasks>>, admin: bool) -> Slot {
+        let (id, handle) = Tasks::spawn(tasks, self.server, admin);
+        Slot {
+            addr: self.addr,
+            socket: self.socket,
+            id,
+            handle,
+        }
+    }
+}
+
 impl Slot {
     fn start(
         tasks: &Rc<RefCell<Tasks>>,
@@ -171,15 +208,18 @@ impl Slot {
         admin: bool,
         build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
     ) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let socket = listener.try_clone()?;
-        let (id, handle) = Tasks::spawn(tasks, build(listener)?, admin);
-        Ok(Self {
-            addr,
-            socket,
-            id,
-            handle,
-        })
+        Ok(Built::new(listener, build)?.spawn(tasks, admin))
+    }
+
+    /// Stops accepting at once (the socket closes, so new connections are refused) and lets the server finish
+    /// what it has.
+    fn stop(self, tasks: &Rc<RefCell<Tasks>>) {
+        let Self {
+            socket, id, handle, ..
+        } = self;
+        drop(socket);
+        tasks.borrow_mut().handles.retain(|(i, _, _)| *i != id);
+        actix_rt::spawn(async move { handle.stop(true).await });
     }
 
     /// Starts `build` on `addr` (the same socket when the address is unchanged), then drains the old server.
@@ -196,13 +236,8 @@ impl Slot {
             TcpListener::bind(addr)?
         };
         let next = Self::start(tasks, listener, admin, build)?;
-        let old = std::mem::replace(self, next);
-        tasks
-            .borrow_mut()
-            .handles
-            .retain(|(id, _, _)| *id != old.id);
         // The old server stops accepting at once and finishes what it has; nothing waits for it here.
-        actix_rt::spawn(async move { old.handle.stop(true).await });
+        std::mem::replace(self, next).stop(tasks);
         Ok(())
     }
 }
@@ -214,9 +249,223 @@ struct Servers {
     egress: Slot,
     admin: Option<(Slot, PolicyHandle)>,
     draining: Draining,
+    /// The mesh, when the sidecar started with one.
+    mesh: Option<MeshState>,
+}
+
+/// The mesh as the listeners run it.
+struct MeshState {
+    identity: Arc<Identity>,
+    /// The `mesh` section in effect: what a reload compares against (a listener that could not move keeps its
+    /// old address here).
+    running: Mesh,
+    /// What the inbound listener applies per request; swapped by a reload without a new listener.
+    settings: Option<SharedSettings>,
+    inbound: Option<Slot>,
+    /// The certificate files a reload names, read and checked by `prepare`, used by `apply`.
+    prepared: Option<Prepared>,
+}
+
+/// Builds the inbound server: the identity's TLS versions, the shared settings, the policy's pool, workers and
+/// drain timeout.
+fn inbound_builder(
+    identity: Arc<Identity>,
+    settings: SharedSettings,
+    snapshot: SharedSnapshot,
+    upstream: UpstreamSettings,
+    listeners: &crate::policy::Listeners,
+) -> impl FnOnce(TcpListener) -> std::io::Result<Server> {
+    let (workers, drain) = (listeners.workers, listeners.drain_timeout);
+    move |listener| {
+        crate::mesh::server(
+            &identity, settings, snapshot, &upstream, listener, workers, drain,
+        )
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+}
+
+/// What of the inbound settings changed, by key, for the reload report.
+fn inbound_changes(was: Option<&Inbound>, next: &Inbound) -> Vec<&'static str> {
+    let Some(was) = was else {
+        return vec![
+            "app",
+            "request_timeout",
+            "authorization",
+            "rate_limit",
+            "concurrency",
+        ];
+    };
+    [
+        ("app", was.app != next.app),
+        (
+            "request_timeout",
+            was.request_timeout != next.request_timeout,
+        ),
+        ("authorization", was.authorization != next.authorization),
+        ("rate_limit", was.rate_limit != next.rate_limit),
+        ("concurrency", was.concurrency != next.concurrency),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
+impl MeshState {
+    /// Applies `next`'s mesh section: new files (checked by `prepare`), the inbound settings, the listener.
+    fn apply(
+        &mut self,
+        tasks: &Rc<RefCell<Tasks>>,
+        snapshot: &SharedSnapshot,
+        running: &Policy,
+        next: &Policy,
+        done: &mut Vec<Result<String, String>>,
+    ) {
+        let Some(mesh) = &next.mesh else {
+            if let Some(slot) = self.inbound.take() {
+                let addr = slot.addr;
+                slot.stop(tasks);
+                done.push(Ok(format!(
+                    "mesh inbound listener on {addr} stopped: the policy has no mesh section \
+                     (the certificates stay loaded until a restart)"
+                )));
+            }
+            self.running.inbound = None;
+            return;
+        };
+        let was = self.running.clone();
+        if let Some(prepared) = self.prepared.take() {
+            self.identity.retarget(prepared);
+            done.push(Ok(format!(
+                "mesh identity {} now read from {} and {}, CA bundle {}",
+                self.identity.spiffe_id(),
+                mesh.cert.display(),
+                mesh.key.display(),
+                mesh.ca.display()
+            )));
+        }
+        let mesh_services = next.services.values().any(|s| s.mesh);
+        if mesh_services && was.trust_domain != mesh.trust_domain {
+            done.push(Err(format!(
+                "mesh.trust_domain: {} -> {}: mesh services already called keep verifying their peers in {} \
+                 (restart to apply)",
+                was.trust_domain, mesh.trust_domain, was.trust_domain
+            )));
+        }
+        if mesh_services && was.tls12 != mesh.tls12 {
+            done.push(Err(
+                "mesh.tls12: mesh services already called keep the TLS versions they started with \
+                 (restart to apply)"
+                    .into(),
+            ));
+        }
+        let mut applied = mesh.clone();
+        match (&mesh.inbound, self.inbound.as_mut()) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                if let Some(slot) = self.inbound.take() {
+                    let addr = slot.addr;
+                    slot.stop(tasks);
+                    done.push(Ok(format!(
+                        "mesh inbound listener on {addr} stopped: the policy has no mesh.inbound"
+                    )));
+                }
+            }
+            (Some(inbound), slot) => {
+                let changes = inbound_changes(was.inbound.as_ref(), inbound);
+                let settings = match &self.settings {
+                    Some(shared) => {
+                        if !changes.is_empty() {
+                            let current = shared.load_full();
+                            shared.store(Arc::new(Settings::new(inbound, Some(&current))));
+                            if slot.is_some() {
+                                done.push(Ok(format!(
+                                    "mesh inbound {} applied to the next requests",
+                                    changes.join(", ")
+                                )));
+                            }
+                        }
+                        shared.clone()
+                    }
+                    None => self.settings.insert(Settings::shared(inbound)).clone(),
+                };
+                let build = inbound_builder(
+                    self.identity.clone(),
+                    settings,
+                    snapshot.clone(),
+                    next.upstream.clone(),
+                    &next.listeners,
+                );
+                match slot {
+                    Some(slot) => {
+                        let moved = was.inbound.as_ref().map(|i| i.listen) != Some(inbound.listen);
+                        let (a, b) = (&running.upstream, &next.upstream);
+                        let rebuilt = was.tls12 != mesh.tls12
+                            || running.listeners.workers != next.listeners.workers
+                            || running.listeners.drain_timeout != next.listeners.drain_timeout
+                            || a.timeouts.connect != b.timeouts.connect
+                            || a.idle_timeout != b.idle_timeout
+                            || a.max_connections != b.max_connections;
+                        if moved || rebuilt {
+                            let (from, to) =
+                                (slot.addr, if moved { inbound.listen } else { slot.addr });
+                            match slot.replace(tasks, to, false, build) {
+                                Ok(()) => done.push(Ok(format!(
+                                    "mesh inbound listener restarted on {}; the previous one drains",
+                                    slot.addr
+                                ))),
+                                Err(e) => {
+                                    done.push(Err(format!(
+                                        "mesh.inbound.listen: cannot move to {to}: {e}; still on {from}"
+                                    )));
+                                    if let (Some(kept), Some(old)) = (applied.inbound.as_mut(), &was.inbound) {
+                                        kept.listen = old.listen;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        let started = TcpListener::bind(inbound.listen)
+                            .and_then(|l| Slot::start(tasks, l, false, build));
+                        match started {
+                            Ok(slot) => {
+                                done.push(Ok(format!(
+                                    "mesh inbound listener (mTLS) started on {}",
+                                    slot.addr
+                                )));
+                                self.inbound = Some(slot);
+                            }
+                            Err(e) => {
+                                done.push(Err(format!(
+                                    "mesh.inbound.listen: cannot listen on {}: {e}",
+                                    inbound.listen
+                                )));
+                                applied.inbound = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.running = applied;
+    }
 }
 
 impl ListenerControl for Servers {
+    fn prepare(&mut self, _running: &Policy, next: &Policy) -> Result<(), Vec<String>> {
+        let (Some(state), Some(mesh)) = (self.mesh.as_mut(), next.mesh.as_ref()) else {
+            return Ok(());
+        };
+        state.prepared = None;
+        if state.identity.serves(mesh) {
+            return Ok(());
+        }
+        let prepared = Identity::prepare(mesh)
+            .map_err(|e| vec![format!("{e:#} (the mesh keeps its current certificates)")])?;
+        state.prepared = Some(prepared);
+        Ok(())
+    }
+
     fn apply(&mut self, running: &Policy, next: &Policy) -> Vec<Result<String, String>> {
         let mut done = Vec::new();
         let (a, b) = (&running.listeners, &next.listeners);
@@ -267,6 +516,20 @@ impl ListenerControl for Servers {
                 }),
             );
         }
+        match &mut self.mesh {
+            Some(mesh) => mesh.apply(
+                &self.tasks,
+                &self.egress_factory.snapshot,
+                running,
+                next,
+                &mut done,
+            ),
+            None if next.mesh.is_some() => done.push(Err(
+                "mesh: added, but this sidecar started without one (restart to join the mesh)"
+                    .into(),
+            )),
+            None => {}
+        }
         done
     }
 }
@@ -277,8 +540,13 @@ impl Servers {
     }
 }
 
-/// Starts the sidecar on pre-bound sockets: the policy store, the egress listener and the admin listener.
-/// Call it inside an actix system: the servers are spawned on it and run until stopped.
+/// Starts the sidecar on pre-bound sockets: the policy store, the egress listener, the admin listener and the
+/// mesh's inbound listener. Call it inside an actix system: the servers are spawned on it and run until
+/// stopped.
+///
+/// Every step that can fail comes first (the mesh files, the egress TLS roots, the inbound port, building each
+/// server), before any server or actor is spawned: a start-up error then leaves nothing behind. (An actor
+/// spawned and dropped unpolled with the runtime runs its `started` outside the runtime, which panics.)
 pub fn start(
     source: PolicySource,
     policy: Policy,
@@ -286,32 +554,26 @@ pub fn start(
     options: RunOptions,
 ) -> std::io::Result<Running> {
     crate::install_crypto_provider();
-    if crate::telemetry::recorder().is_some() {
-        actix::Actor::start(crate::telemetry::Upkeep);
-    }
-    let snapshot = Snapshot::shared(&policy);
-    actix::Actor::start(crate::resilience::monitor::Monitor::new(snapshot.clone()));
-    actix::Actor::start(crate::discovery::Discovery::new(snapshot.clone()));
-    actix::Actor::start(crate::health::HealthChecker::new(
-        snapshot.clone(),
-        &policy.upstream,
-    ));
+    let fail = |e: anyhow::Error| std::io::Error::other(format!("{e:#}"));
     // The mesh certificates: read and checked now, so a bad file stops start-up with its reason; then watched.
-    let identity = match policy.mesh.as_ref() {
-        Some(mesh) => {
-            let identity = crate::mesh::Identity::load(mesh)
-                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            actix::Actor::start(crate::mesh::CertWatcher(identity.clone()));
-            Some(identity)
-        }
+    let identity = policy
+        .mesh
+        .as_ref()
+        .map(Identity::load)
+        .transpose()
+        .map_err(fail)?;
+    let tls = client::egress_tls(&policy.egress.roots).map_err(fail)?;
+    // The mesh's inbound listener: bound now, so a taken port stops start-up with its reason.
+    let inbound_listener = match policy.mesh.as_ref() {
+        Some(mesh) => crate::mesh::bind(mesh).map_err(fail)?,
         None => None,
     };
+    let snapshot = Snapshot::shared(&policy);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
     let egress_factory = EgressFactory {
         snapshot: snapshot.clone(),
-        tls: client::egress_tls(&policy.egress.roots)
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+        tls,
         identity: identity.clone(),
     };
     let (workers, drain_timeout, upstream) = (
@@ -320,7 +582,7 @@ pub fn start(
         policy.upstream.clone(),
     );
     let factory = egress_factory.clone();
-    let egress = Slot::start(&tasks, listeners.egress, false, |l| {
+    let egress = Built::new(listeners.egress, |l| {
         factory.build(l, workers, drain_timeout, upstream)
     })?;
 
@@ -332,39 +594,69 @@ pub fn start(
         Some(listener) => {
             let (h, d, s) = (handle.clone(), draining.clone(), snapshot.clone());
             let i = identity.clone();
-            Some((
-                Slot::start(&tasks, listener, true, |l| {
-                    crate::admin::server(h, d, s, i, l)
-                })?,
-                handle.clone(),
-            ))
+            Some(Built::new(listener, |l| {
+                crate::admin::server(h, d, s, i, l)
+            })?)
         }
         None => None,
     };
-    // The mesh's inbound listener: bound and configured now, so a bad certificate or a taken port stops
-    // start-up with its reason.
-    let inbound = match policy.mesh.as_ref().zip(identity.as_ref()) {
-        Some((mesh, identity)) => match crate::mesh::bind(mesh).map_err(std::io::Error::other)? {
-            Some((listener, addr)) => {
-                let (m, upstream) = (mesh.clone(), policy.upstream.clone());
-                let workers = policy.listeners.workers;
-                Slot::start(&tasks, listener, false, |l| {
-                    crate::mesh::server(&m, identity, &upstream, l, workers)
-                        .map_err(|e| std::io::Error::other(format!("{e:#}")))
-                })?;
-                tracing::info!(%addr, "mesh inbound listener (mTLS) ready");
-                Some(addr)
-            }
-            None => None,
-        },
-        None => None,
+    let mesh = match (policy.mesh.as_ref(), identity) {
+        (Some(mesh), Some(identity)) => {
+            let settings = mesh.inbound.as_ref().map(Settings::shared);
+            let inbound = match (inbound_listener, &settings) {
+                (Some((listener, _)), Some(settings)) => Some(Built::new(
+                    listener,
+                    inbound_builder(
+                        identity.clone(),
+                        settings.clone(),
+                        snapshot.clone(),
+                        policy.upstream.clone(),
+                        &policy.listeners,
+                    ),
+                )?),
+                _ => None,
+            };
+            Some((mesh.clone(), identity, settings, inbound))
+        }
+        _ => None,
     };
+
+    // Nothing below fails: the servers, then the actors.
+    let egress = egress.spawn(&tasks, false);
+    let admin = admin.map(|built| (built.spawn(&tasks, true), handle.clone()));
+    let mesh = mesh.map(|(running, identity, settings, inbound)| MeshState {
+        identity,
+        running,
+        settings,
+        inbound: inbound.map(|built| built.spawn(&tasks, false)),
+        prepared: None,
+    });
+    let inbound = mesh
+        .as_ref()
+        .and_then(|m| m.inbound.as_ref())
+        .map(|s| s.addr);
+    if let Some(addr) = inbound {
+        tracing::info!(%addr, "mesh inbound listener (mTLS) ready");
+    }
+    if crate::telemetry::recorder().is_some() {
+        actix::Actor::start(crate::telemetry::Upkeep);
+    }
+    actix::Actor::start(crate::resilience::monitor::Monitor::new(snapshot.clone()));
+    actix::Actor::start(crate::discovery::Discovery::new(snapshot.clone()));
+    actix::Actor::start(crate::health::HealthChecker::new(
+        snapshot.clone(),
+        &policy.upstream,
+    ));
+    if let Some(mesh) = &mesh {
+        actix::Actor::start(crate::mesh::CertWatcher(mesh.identity.clone()));
+    }
     let servers = Servers {
         tasks: tasks.clone(),
         egress_factory,
         egress,
         admin,
         draining: draining.clone(),
+        mesh,
     };
     let (egress, admin) = servers.bound();
     let store =

@@ -5,7 +5,9 @@
 //! body wrapper that records a request's duration when its response body ends. Names follow the OpenTelemetry
 //! HTTP semantic conventions, in seconds, with bounded labels: the service (or `external` for URL targets,
 //! `dispatch` for dispatch rules, `none` before routing), the method (`_OTHER` for non-standard ones), the
-//! status class and the outcome (`ok` or the sidecar's error cause). Never a raw path or a peer address.
+//! status class and the outcome (`ok` or the sidecar's error cause); on the server histogram also the
+//! `direction` (`egress`, `inbound`) and, for mesh peers' requests, the peer's SPIFFE identity (capped at
+//! [`MAX_PEER_LABELS`] distinct values, then `other`). Never a raw path or a peer address.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -225,6 +227,41 @@ where
     }
 }
 
+/// Distinct peer identities that get a label value of their own; the others share [`OTHER_PEERS`]. Meshes
+/// have tens of services, so this is generous, and it bounds what a CA issuing many identities can cost.
+pub const MAX_PEER_LABELS: usize = 100;
+/// The `peer` label of identities beyond [`MAX_PEER_LABELS`].
+pub const OTHER_PEERS: &str = "other";
+
+/// The `peer` label of a mesh peer's SPIFFE identity: the identity itself for the first [`MAX_PEER_LABELS`]
+/// distinct ones this process sees, `other` after. Called once per inbound connection, not per request.
+pub fn peer_label(identity: &str) -> SharedString {
+    static SEEN: std::sync::Mutex<Option<FxHashMap<Box<str>, SharedString>>> =
+        std::sync::Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    bounded_label(
+        seen.get_or_insert_with(FxHashMap::default),
+        identity,
+        MAX_PEER_LABELS,
+    )
+}
+
+fn bounded_label(
+    seen: &mut FxHashMap<Box<str>, SharedString>,
+    value: &str,
+    max: usize,
+) -> SharedString {
+    if let Some(label) = seen.get(value) {
+        return label.clone();
+    }
+    if seen.len() >= max {
+        return SharedString::const_str(OTHER_PEERS);
+    }
+    let label = SharedString::from_shared(std::sync::Arc::<str>::from(value));
+    seen.insert(value.into(), label.clone());
+    label
+}
+
 /// One histogram's labels; the `&'static str` parts compare and hash by address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -232,15 +269,22 @@ struct Key {
     method: usize,
     status: usize,
     outcome: usize,
+    peer: Option<SharedString>,
 }
 
 impl Key {
-    fn new(labels: &RequestLabels, status: &'static str, outcome: &'static str) -> Self {
+    fn new(
+        labels: &RequestLabels,
+        status: &'static str,
+        outcome: &'static str,
+        peer: Option<&SharedString>,
+    ) -> Self {
         Self {
             service: labels.service.clone(),
             method: labels.method.as_ptr() as usize,
             status: status.as_ptr() as usize,
             outcome: outcome.as_ptr() as usize,
+            peer: peer.cloned(),
         }
     }
 }
@@ -253,19 +297,32 @@ pub struct Instruments {
     in_flight: Gauge,
     server: Cache,
     client: Cache,
+    /// The `direction` label of the server histogram: `egress` (the app's calls out) or `inbound` (mesh peers'
+    /// calls in).
+    direction: &'static str,
 }
 
+/// The egress listener's.
 impl Default for Instruments {
     fn default() -> Self {
         Self {
             in_flight: metrics::gauge!(ACTIVE_REQUESTS),
             server: Cache::default(),
             client: Cache::default(),
+            direction: "egress",
         }
     }
 }
 
 impl Instruments {
+    /// The mesh inbound listener's.
+    pub fn inbound() -> Self {
+        Self {
+            direction: "inbound",
+            ..Self::default()
+        }
+    }
+
     fn histogram(
         cache: &Cache,
         name: &'static str,
@@ -273,7 +330,7 @@ impl Instruments {
         status: &'static str,
         outcome: &'static str,
     ) -> Histogram {
-        let key = Key::new(labels, status, outcome);
+        let key = Key::new(labels, status, outcome, None);
         if let Some(h) = cache.borrow().get(&key) {
             return h.clone();
         }
@@ -285,6 +342,34 @@ impl Instruments {
             "outcome" => outcome,
         );
         cache.borrow_mut().insert(key, h.clone());
+        h
+    }
+
+    /// The server histogram: the labels of [`Self::histogram`], the direction, and the peer for inbound
+    /// requests.
+    fn server(
+        &self,
+        labels: &RequestLabels,
+        status: &'static str,
+        outcome: &'static str,
+        peer: Option<&SharedString>,
+    ) -> Histogram {
+        let key = Key::new(labels, status, outcome, peer);
+        if let Some(h) = self.server.borrow().get(&key) {
+            return h.clone();
+        }
+        let mut set = vec![
+            metrics::Label::new("service", labels.service.clone()),
+            metrics::Label::from_static_parts("http_request_method", labels.method),
+            metrics::Label::from_static_parts("status_class", status),
+            metrics::Label::from_static_parts("outcome", outcome),
+            metrics::Label::from_static_parts("direction", self.direction),
+        ];
+        if let Some(peer) = peer {
+            set.push(metrics::Label::new("peer", peer.clone()));
+        }
+        let h = metrics::histogram!(SERVER_DURATION, set);
+        self.server.borrow_mut().insert(key, h.clone());
         h
     }
 
@@ -307,13 +392,18 @@ impl Instruments {
         status: StatusCode,
         outcome: &'static str,
     ) -> Histogram {
-        Self::histogram(
-            &self.server,
-            SERVER_DURATION,
-            labels,
-            status_class(status),
-            outcome,
-        )
+        self.server(labels, status_class(status), outcome, None)
+    }
+
+    /// The server-duration histogram of an inbound request from `peer` (a [`peer_label`]).
+    pub fn server_histogram_of_peer(
+        &self,
+        labels: &RequestLabels,
+        peer: &SharedString,
+        status: StatusCode,
+        outcome: &'static str,
+    ) -> Histogram {
+        self.server(labels, status_class(status), outcome, Some(peer))
     }
 
     /// Counts a request in flight until the returned guard drops.
@@ -448,5 +538,23 @@ mod tests {
         assert_eq!(method_label(&Method::GET), "GET");
         assert_eq!(status_class(StatusCode::NOT_MODIFIED), "3xx");
         assert_eq!(status_class(StatusCode::from_u16(599).unwrap()), "5xx");
+    }
+
+    #[test]
+    fn peer_labels_stay_bounded_with_an_other_bucket() {
+        let mut seen = FxHashMap::default();
+        let a = bounded_label(&mut seen, "spiffe://mesh.test/service/a", 2);
+        assert_eq!(&*a, "spiffe://mesh.test/service/a");
+        bounded_label(&mut seen, "spiffe://mesh.test/service/b", 2);
+        assert_eq!(
+            &*bounded_label(&mut seen, "spiffe://mesh.test/service/c", 2),
+            OTHER_PEERS
+        );
+        // An identity seen before the cap keeps its own label.
+        assert_eq!(
+            &*bounded_label(&mut seen, "spiffe://mesh.test/service/a", 2),
+            "spiffe://mesh.test/service/a"
+        );
+        assert_eq!(seen.len(), 2);
     }
 }

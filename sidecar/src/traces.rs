@@ -1,5 +1,5 @@
-//! Traces: OpenTelemetry spans for every request the sidecar serves and every upstream attempt, exported with
-//! OTLP over HTTP/protobuf. Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set.
+//! Traces: OpenTelemetry spans for every request the sidecar serves (egress and mesh inbound) and every
+//! upstream attempt, exported with OTLP over HTTP/protobuf. Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set.
 //!
 //! Owns: the tracer provider (the standard `OTEL_*` variables: endpoint, `OTEL_SERVICE_NAME`,
 //! `OTEL_TRACES_SAMPLER` and its argument), context propagation (W3C `traceparent`/`tracestate` in and out,
@@ -11,12 +11,14 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
+use actix_http::StatusCode;
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
 };
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithHttpConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -118,6 +120,48 @@ pub fn extract(headers: &HeaderMap) -> Context {
     match b3(headers) {
         Some(span) => Context::new().with_remote_span_context(span),
         None => cx,
+    }
+}
+
+/// The span of a request the sidecar serves (on the egress listener, `scheme` `http`; on the mesh inbound
+/// listener, `https`), child of the caller's context (W3C or B3) when it sent one. `None` when the sampler
+/// says no: an unsampled request then costs one sampling decision, and its `traceparent`, if any, passes on
+/// untouched.
+pub fn server_span(
+    traces: &Traces,
+    req: &actix_http::Request,
+    scheme: &'static str,
+) -> Option<Context> {
+    let parent = extract(&req.head().headers);
+    let builder = traces
+        .tracer
+        .span_builder(crate::telemetry::method_label(req.method()))
+        .with_kind(SpanKind::Server);
+    let span = traces.tracer.build_with_context(builder, &parent);
+    if !span.is_recording() {
+        return None;
+    }
+    let cx = parent.with_span(span);
+    cx.span().set_attributes([
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.path().to_string()),
+        KeyValue::new("url.scheme", scheme),
+    ]);
+    Some(cx)
+}
+
+/// The response's status and the sidecar's error cause on the server span.
+pub fn record_server_outcome(cx: &Context, status: StatusCode, outcome: &'static str) {
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    ));
+    if outcome != "ok" {
+        span.set_attribute(KeyValue::new("error.type", outcome));
+    }
+    if status.is_server_error() {
+        span.set_status(Status::error(outcome));
     }
 }
 

@@ -312,6 +312,8 @@ async fn every_request_gets_one_json_access_log_line_on_stdout() {
     assert_eq!(ok["bytes_in"], 3);
     assert_eq!(ok["bytes_out"], 5);
     assert!(ok["error"].is_null());
+    assert_eq!(ok["direction"], "egress");
+    assert!(ok["peer"].is_null());
     assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0);
     assert!(ok["time"].as_str().unwrap().ends_with('Z'));
     let refused = next();
@@ -358,4 +360,125 @@ fn certs_writes_a_development_ca_and_says_where() {
     let out = run_to_end(bad);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/slashes"));
+}
+
+/// A sidecar's stdout, line by line, as the lines arrive.
+fn lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[actix_rt::test]
+async fn every_inbound_request_gets_an_access_log_line_with_the_peer_identity() {
+    use support::mesh::{Pki, call_to};
+    let app = RawUpstream::ok().await;
+    let pki = Pki::new("access-log");
+    let inbound: std::net::SocketAddr = ([127, 0, 0, 1], support::process::free_port()).into();
+    let policy = pki.dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        pki.policy_on(app.addr, &inbound.to_string())
+            + "    authorization:\n      - from: [payments]\n",
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.args(["--access-log", "on"])
+        .arg("--policy")
+        .arg(&policy)
+        .env_remove("SIDECAR_CONFIG");
+    let (sidecar, stdout) = SidecarProcess::spawn_capturing_stdout(cmd);
+    let rx = lines(stdout);
+    // The egress listener is bound first: wait for the inbound one too.
+    support::process::until_listening(inbound);
+
+    let status = call_to(
+        &pki.peer("payments"),
+        inbound,
+        "GET /orders/7?token=secret",
+        "",
+    )
+    .await;
+    assert_eq!(status, Ok(200));
+    let status = call_to(&pki.peer("inventory"), inbound, "DELETE /orders/7", "").await;
+    assert_eq!(status, Ok(403));
+
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(support::DEADLINE)
+            .expect("an access log line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let ok = next();
+    assert_eq!(ok["direction"], "inbound", "{ok}");
+    assert_eq!(ok["peer"], "spiffe://mesh.test/service/payments");
+    assert_eq!(ok["service"], "inbound");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/orders/7", "the query is left out by default");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["upstream"], app.addr.to_string());
+    assert_eq!(ok["attempts"], 1);
+    assert_eq!(ok["bytes_out"], 2);
+    assert!(ok["error"].is_null());
+    let denied = next();
+    assert_eq!(denied["direction"], "inbound", "{denied}");
+    assert_eq!(denied["peer"], "spiffe://mesh.test/service/inventory");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["error"], "forbidden");
+    assert_eq!(denied["attempts"], 0, "the app never saw it");
+    drop(sidecar);
+}
+
+/// Runs the binary on a policy file until it exits (it must not start).
+fn start_refused(policy: &std::path::Path) -> std::process::Output {
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(policy)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("SIDECAR_CONFIG")
+        .env_remove("SIDECAR_PORT");
+    run_to_end(cmd)
+}
+
+#[test]
+fn a_mesh_start_up_error_says_why_and_never_panics() {
+    use sidecar::certs::Validity;
+    use support::mesh::Pki;
+    let pki = Pki::new("start-up-errors");
+    let app: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+
+    // A certificate file that is not there.
+    let (_, key) = pki.issue("orders", Validity::default());
+    let missing = pki.dir.join("missing.pem");
+    let file = pki.dir.join("bad-cert.yaml");
+    std::fs::write(&file, pki.policy_with(app, "127.0.0.1:0", &missing, &key)).unwrap();
+    let out = start_refused(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("mesh.cert: cannot read") && err.contains("missing.pem"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    // The inbound port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let file = pki.dir.join("taken.yaml");
+    std::fs::write(&file, pki.policy_on(app, &addr.to_string())).unwrap();
+    let out = start_refused(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("mesh.inbound.listen: cannot bind {addr}")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

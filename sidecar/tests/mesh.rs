@@ -10,112 +10,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use sidecar::certs::{Ca, Validity};
+use support::mesh::{DOMAIN, Peer, Pki, call, call_to, connector};
 use support::{RawUpstream, Sidecar};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-
-const DOMAIN: &str = "mesh.test";
-
-struct Pki {
-    dir: PathBuf,
-    ca: Ca,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        sidecar::install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("sidecar-mesh-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = Ca::generate(DOMAIN, Validity::default()).unwrap();
-        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
-        Self { dir, ca }
-    }
-
-    /// Writes `<service>.pem` and `<service>-key.pem` and returns their paths.
-    fn issue(&self, service: &str, validity: Validity) -> (PathBuf, PathBuf) {
-        let (chain, key) = self.ca.issue(DOMAIN, service, validity).unwrap();
-        let (c, k) = (
-            self.dir.join(format!("{service}.pem")),
-            self.dir.join(format!("{service}-key.pem")),
-        );
-        std::fs::write(&c, chain).unwrap();
-        std::fs::write(&k, key).unwrap();
-        (c, k)
-    }
-
-    fn policy(&self, app: SocketAddr) -> String {
-        let (cert, key) = self.issue("orders", Validity::default());
-        format!(
-            "mesh:\n  trust_domain: {DOMAIN}\n  identity: orders\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\n  inbound:\n    listen: 127.0.0.1:0\n    app: '{app}'\n",
-            self.dir.join("ca.pem").display(),
-            cert.display(),
-            key.display()
-        )
-    }
-}
-
-/// A TLS client trusting `ca`, presenting `identity` (chain and key files) when given.
-fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let config = match identity {
-        Some((chain, key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    TlsConnector::from(Arc::new(config))
-}
-
-/// One GET over TLS: the response status, or the error that ended the exchange.
-async fn call(tls: &TlsConnector, addr: SocketAddr, extra: &str) -> Result<u16, String> {
-    call_to(tls, addr, "GET /hello", extra).await
-}
-
-/// One request (`"METHOD /path"`) over TLS.
-async fn call_to(
-    tls: &TlsConnector,
-    addr: SocketAddr,
-    line: &str,
-    extra: &str,
-) -> Result<u16, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let request = format!(
-        "{line} HTTP/1.1\r\nhost: orders\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = Vec::new();
-    // TLS 1.3 reports a refused client certificate on the first read, not in the handshake.
-    stream
-        .read_to_end(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&answer);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no HTTP answer: {text:?}"))
-}
 
 #[actix_rt::test]
 async fn a_peer_with_a_mesh_certificate_reaches_the_app_with_its_identity() {
@@ -695,5 +597,226 @@ async fn an_inbound_concurrency_limit_protects_the_app() {
     assert_eq!(call(&tls, inbound, "").await, Ok(503));
     release.notify_one();
     assert_eq!(first.await.unwrap(), Ok(200));
+    sidecar.stop().await;
+}
+
+/// `POST /admin/reload`: the status and the report.
+async fn reload(sidecar: &Sidecar) -> (u16, serde_json::Value) {
+    let reply = support::request(
+        sidecar.admin,
+        "POST /admin/reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    (reply.status, reply.json())
+}
+
+/// The orders sidecar on a policy file in the PKI's directory, reloaded by `POST /admin/reload`.
+fn policy_file(pki: &Pki, text: &str) -> std::path::PathBuf {
+    let file = pki.dir.join("policy.yaml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[actix_rt::test]
+async fn a_moved_inbound_listener_serves_mtls_on_the_new_port_and_the_old_port_refuses() {
+    let pki = Pki::new("move");
+    let app = RawUpstream::ok().await;
+    let (cert, key) = pki.issue("orders", Validity::default());
+    let file = policy_file(&pki, &pki.policy_with(app.addr, "127.0.0.1:0", &cert, &key));
+    let sidecar = Sidecar::start_path(&file);
+    let old = sidecar.inbound.expect("an inbound listener");
+    let payments = pki.peer("payments");
+    assert_eq!(call(&payments, old, "").await, Ok(200));
+
+    let new: SocketAddr = ([127, 0, 0, 1], support::process::free_port()).into();
+    replace(
+        &file,
+        &pki.policy_with(app.addr, &new.to_string(), &cert, &key),
+    );
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "applied", "{report}");
+    assert_eq!(
+        report["restart_required"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(
+        report["listener_changes"],
+        serde_json::json!([format!(
+            "mesh inbound listener restarted on {new}; the previous one drains"
+        )]),
+        "{report}"
+    );
+
+    // The new port serves peers over mTLS, and only them.
+    assert_eq!(call(&payments, new, "").await, Ok(200));
+    let ca = pki.dir.join("ca.pem");
+    assert!(call(&connector(&ca, None), new, "").await.is_err());
+    // The old port refuses connections once its server has stopped accepting.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    while TcpStream::connect(old).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old inbound port still accepts connections"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.received().len(), 2);
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_authorization_rule_changed_on_reload_applies_to_the_next_request_on_a_kept_connection()
+{
+    let pki = Pki::new("authz-reload");
+    let app = RawUpstream::ok().await;
+    let (cert, key) = pki.issue("orders", Validity::default());
+    let base = pki.policy_with(app.addr, "127.0.0.1:0", &cert, &key);
+    let rules = |methods: &str| {
+        format!(
+            "{base}    authorization:\n      - from: [payments]\n        methods: [{methods}]\n        paths: ['/orders/*']\n"
+        )
+    };
+    let file = policy_file(&pki, &rules("GET"));
+    let sidecar = Sidecar::start_path(&file);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    // One connection for the whole story: the rules change under it, the listener does not.
+    let mut payments = Peer::connect(&pki.peer("payments"), inbound).await;
+    assert_eq!(payments.send("GET /orders/7").await, 200);
+    assert_eq!(payments.send("POST /orders/7").await, 403);
+
+    replace(&file, &rules("GET, POST"));
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["restart_required"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(
+        report["listener_changes"],
+        serde_json::json!(["mesh inbound authorization applied to the next requests"]),
+        "{report}"
+    );
+    assert_eq!(payments.send("POST /orders/7").await, 200);
+    assert_eq!(payments.send("DELETE /orders/7").await, 403);
+    assert_eq!(
+        app.received().len(),
+        2,
+        "denied requests never reach the app"
+    );
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_reload_naming_an_unusable_certificate_is_rejected_and_the_old_one_keeps_serving() {
+    let pki = Pki::new("bad-cert-reload");
+    let app = RawUpstream::ok().await;
+    let (cert, key) = pki.issue("orders", Validity::default());
+    let file = policy_file(&pki, &pki.policy_with(app.addr, "127.0.0.1:0", &cert, &key));
+    let sidecar = Sidecar::start_path(&file);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let payments = pki.peer("payments");
+    let ca = pki.dir.join("ca.pem");
+    let (peer_cert, peer_key) = (
+        pki.dir.join("payments.pem"),
+        pki.dir.join("payments-key.pem"),
+    );
+    let fresh = || connector(&ca, Some((&peer_cert, &peer_key)));
+    let old_serial = serial(&mesh_state(&sidecar).await);
+
+    // A certificate path that does not exist: the reload is refused as an invalid file would be.
+    let missing = pki.dir.join("no-such-orders.pem");
+    replace(
+        &file,
+        &pki.policy_with(app.addr, "127.0.0.1:0", &missing, &key),
+    );
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 422, "{report}");
+    assert_eq!(report["result"], "rejected", "{report}");
+    let error = report["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("mesh.cert: cannot read") && error.contains("no-such-orders.pem"),
+        "{report}"
+    );
+    assert_eq!(call(&payments, inbound, "").await, Ok(200));
+    assert_eq!(served_serial(&fresh(), inbound).await, old_serial);
+    let state = mesh_state(&sidecar).await;
+    assert_eq!(state["files"]["cert"], cert.display().to_string());
+
+    // Another certificate of this identity under a new name: used by the next handshake, same listener.
+    let (chain, new_key) = pki.ca.issue(DOMAIN, "orders", Validity::default()).unwrap();
+    let (cert2, key2) = (
+        pki.dir.join("orders-2.pem"),
+        pki.dir.join("orders-2-key.pem"),
+    );
+    std::fs::write(&cert2, chain).unwrap();
+    std::fs::write(&key2, new_key).unwrap();
+    replace(
+        &file,
+        &pki.policy_with(app.addr, "127.0.0.1:0", &cert2, &key2),
+    );
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["restart_required"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert!(
+        report["listener_changes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("mesh identity spiffe://mesh.test/service/orders now read from"),
+        "{report}"
+    );
+    let state = mesh_state(&sidecar).await;
+    assert_eq!(state["files"]["cert"], cert2.display().to_string());
+    assert_ne!(serial(&state), old_serial);
+    assert_eq!(served_serial(&fresh(), inbound).await, serial(&state));
+    assert_eq!(call(&payments, inbound, "").await, Ok(200));
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_inbound_address_already_taken_is_reported_and_the_old_listener_stays_until_a_later_reload()
+ {
+    let pki = Pki::new("inbound-taken");
+    let app = RawUpstream::ok().await;
+    let (cert, key) = pki.issue("orders", Validity::default());
+    let file = policy_file(&pki, &pki.policy_with(app.addr, "127.0.0.1:0", &cert, &key));
+    let sidecar = Sidecar::start_path(&file);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let payments = pki.peer("payments");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let moved = pki.policy_with(app.addr, &addr.to_string(), &cert, &key);
+    replace(&file, &moved);
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report["restart_required"][0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("mesh.inbound.listen: cannot move to {addr}: ")),
+        "{report}"
+    );
+    assert_eq!(call(&payments, inbound, "").await, Ok(200));
+
+    // The address is free now: the next reload that changes the file moves the listener.
+    drop(taken);
+    replace(&file, &format!("{moved}# again\n"));
+    let (status, report) = reload(&sidecar).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["listener_changes"],
+        serde_json::json!([format!(
+            "mesh inbound listener restarted on {addr}; the previous one drains"
+        )]),
+        "{report}"
+    );
+    assert_eq!(call(&payments, addr, "").await, Ok(200));
     sidecar.stop().await;
 }

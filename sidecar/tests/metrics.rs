@@ -38,8 +38,9 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    fn scraping(target: std::net::SocketAddr) -> Self {
-        let dir = std::env::temp_dir().join(format!("sidecar-prometheus-{}", std::process::id()));
+    fn scraping(target: std::net::SocketAddr, name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("sidecar-prometheus-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -144,31 +145,11 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_sees_its_requests() {
             .unwrap()
             .starts_with("text/plain; version=0.0.4")
     );
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's `prometheus` package; scripts/test.sh installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&exposition.body)
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
-        "promtool: {}{}\n{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr),
-        exposition.text()
-    );
+    promtool_accepts(&exposition.body);
 
-    let prometheus = Prometheus::scraping(sidecar.admin);
+    let prometheus = Prometheus::scraping(sidecar.admin, "egress");
     prometheus
-        .until(r#"sum(http_server_request_duration_seconds_count{service="orders",outcome="ok",status_class="2xx"})"#, 3.0)
+        .until(r#"sum(http_server_request_duration_seconds_count{service="orders",direction="egress",outcome="ok",status_class="2xx"})"#, 3.0)
         .await;
     prometheus
         .until(
@@ -183,6 +164,61 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_sees_its_requests() {
     prometheus.until(r#"sidecar_policy_version"#, 1.0).await;
     prometheus
         .until(r#"http_server_active_requests"#, 0.0)
+        .await;
+    sidecar.stop().await;
+}
+
+/// Runs `promtool check metrics` on an exposition and fails with what it says.
+fn promtool_accepts(exposition: &[u8]) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's `prometheus` package; scripts/test.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition)
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool: {}{}\n{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr),
+        String::from_utf8_lossy(exposition)
+    );
+}
+
+#[actix_rt::test]
+async fn inbound_requests_are_counted_by_peer_identity_for_a_real_prometheus() {
+    use support::mesh::{Pki, call};
+    let app = RawUpstream::ok().await;
+    let pki = Pki::new("metrics");
+    let sidecar =
+        Sidecar::start(&(pki.policy(app.addr) + "    authorization:\n      - from: [payments]\n"));
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let (payments, inventory) = (pki.peer("payments"), pki.peer("inventory"));
+    for _ in 0..3 {
+        assert_eq!(call(&payments, inbound, "").await, Ok(200));
+    }
+    for _ in 0..2 {
+        assert_eq!(call(&inventory, inbound, "").await, Ok(403));
+    }
+
+    let exposition = request(sidecar.admin, "GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(exposition.status, 200);
+    promtool_accepts(&exposition.body);
+
+    let prometheus = Prometheus::scraping(sidecar.admin, "inbound");
+    prometheus
+        .until(r#"sum(http_server_request_duration_seconds_count{direction="inbound",service="inbound",peer="spiffe://mesh.test/service/payments",outcome="ok",status_class="2xx"})"#, 3.0)
+        .await;
+    prometheus
+        .until(r#"sum(http_server_request_duration_seconds_count{direction="inbound",peer="spiffe://mesh.test/service/inventory",outcome="forbidden",status_class="4xx"})"#, 2.0)
         .await;
     sidecar.stop().await;
 }

@@ -195,3 +195,72 @@ async fn a_request_and_its_retry_reach_the_collector_as_linked_spans() {
     );
     drop(sidecar);
 }
+
+#[actix_rt::test]
+async fn an_inbound_request_leaves_a_server_span_with_the_peer_identity_and_the_app_continues_it() {
+    use support::mesh::{Pki, call};
+    let (collector, spans, arrived) = receiver().await;
+    let app = RawUpstream::ok().await;
+    let pki = Pki::new("traces");
+    let inbound: std::net::SocketAddr = ([127, 0, 0, 1], support::process::free_port()).into();
+    let policy = pki.dir.join("policy.yaml");
+    std::fs::write(&policy, pki.policy_on(app.addr, &inbound.to_string())).unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(&policy)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        .env_remove("SIDECAR_CONFIG")
+        .current_dir(std::env::temp_dir());
+    let sidecar = SidecarProcess::spawn(cmd);
+    // The egress listener is bound first: wait for the inbound one too.
+    support::process::until_listening(inbound);
+
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "10f067aa0ba902b7";
+    let status = call(
+        &pki.peer("payments"),
+        inbound,
+        &format!("traceparent: 00-{trace_id}-{caller_span}-01\r\n"),
+    )
+    .await;
+    assert_eq!(status, Ok(200));
+
+    tokio::time::timeout(support::DEADLINE, async {
+        while spans.lock().unwrap().is_empty() {
+            arrived.notified().await;
+        }
+    })
+    .await
+    .expect("the inbound span reached the collector");
+    let spans = spans.lock().unwrap().clone();
+    assert_eq!(spans.len(), 1, "one span: the inbound server span");
+    let span = &spans[0].1;
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), caller_span);
+    let attribute = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .map(|v| format!("{:?}", v.value))
+            .unwrap_or_else(|| panic!("no {key} on {span:?}"))
+    };
+    assert!(
+        attribute("sidecar.peer.identity").contains("spiffe://mesh.test/service/payments"),
+        "{span:?}"
+    );
+    assert!(attribute("sidecar.direction").contains("inbound"));
+    assert!(attribute("url.scheme").contains("https"));
+    assert!(attribute("http.response.status_code").contains("200"));
+
+    // The app sees the trace continued from the inbound span.
+    let seen = app.wait_for(1).await;
+    let traceparent = seen[0].header("traceparent").expect("a traceparent");
+    assert_eq!(
+        traceparent,
+        format!("00-{trace_id}-{}-01", hex(&span.span_id))
+    );
+    drop(sidecar);
+}

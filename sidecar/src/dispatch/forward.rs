@@ -44,7 +44,7 @@ use crate::snapshot::{InFlight, Service, SharedSnapshot};
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use crate::traces;
 use metrics::SharedString;
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
 type UpstreamBody = awc::ClientResponse;
@@ -140,7 +140,7 @@ impl Forwarder {
     /// Handles one app request. Never fails: errors become responses.
     pub async fn handle(&self, req: Request) -> Response<Timed<ProxyBody>> {
         let started = Instant::now();
-        let trace = traces::get().and_then(|t| server_span(t, &req));
+        let trace = traces::get().and_then(|t| traces::server_span(t, &req, "http"));
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;
         let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
@@ -157,6 +157,8 @@ impl Forwarder {
             bytes_out: 0,
             error: None,
             trace_id: trace.as_ref().and_then(traces::trace_id),
+            direction: "egress",
+            peer: None,
         });
         let mut labels = RequestLabels {
             service: SharedString::const_str("none"),
@@ -184,7 +186,7 @@ impl Forwarder {
                 .insert(ATTEMPTS, attempts_value(labels.attempts));
         }
         if let Some(cx) = trace {
-            record_server_outcome(&cx, res.status(), outcome);
+            traces::record_server_outcome(&cx, res.status(), outcome);
             // Ended when the response body ends, with the request's duration.
             hold.trace = Some(cx);
         }
@@ -546,43 +548,6 @@ impl Drop for Hold {
         if let Some(cx) = self.trace.take() {
             cx.span().end();
         }
-    }
-}
-
-/// The span of a request the sidecar serves, child of the caller's context (W3C or B3) when it sent one.
-/// `None` when the sampler says no: an unsampled request then costs one sampling decision, and its
-/// `traceparent`, if any, passes to the upstream untouched.
-fn server_span(traces: &traces::Traces, req: &Request) -> Option<Context> {
-    let parent = traces::extract(&req.head().headers);
-    let builder = traces
-        .tracer
-        .span_builder(method_label(req.method()))
-        .with_kind(SpanKind::Server);
-    let span = traces.tracer.build_with_context(builder, &parent);
-    if !span.is_recording() {
-        return None;
-    }
-    let cx = parent.with_span(span);
-    cx.span().set_attributes([
-        KeyValue::new("http.request.method", req.method().as_str().to_string()),
-        KeyValue::new("url.path", req.path().to_string()),
-        KeyValue::new("url.scheme", "http"),
-    ]);
-    Some(cx)
-}
-
-/// The response's status and the sidecar's error cause on the server span.
-fn record_server_outcome(cx: &Context, status: StatusCode, outcome: &'static str) {
-    let span = cx.span();
-    span.set_attribute(KeyValue::new(
-        "http.response.status_code",
-        i64::from(status.as_u16()),
-    ));
-    if outcome != "ok" {
-        span.set_attribute(KeyValue::new("error.type", outcome));
-    }
-    if status.is_server_error() {
-        span.set_status(Status::error(outcome));
     }
 }
 

@@ -3,45 +3,67 @@
 //! `x-sidecar-peer-identity`.
 //!
 //! Owns: the rustls server configuration (TLS 1.3 by default, 1.2 only when configured; a client certificate
-//! signed by the mesh CA is required), reading the identity from a verified certificate, and the inbound
-//! forwarder. The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
+//! signed by the mesh CA is required), reading the identity from a verified certificate, the inbound
+//! forwarder, its [`Settings`] (app, timeout, authorization, limits: swapped whole by a reload, so new rules
+//! need no new listener) and its telemetry (server span, duration histogram, access log line, each with the
+//! peer's identity). The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's
+//! `mesh` section ([`crate::policy::Mesh`]), replacing the listener ([`crate::server`]).
 
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, EitherBody, SizedStream};
 use actix_http::header::{HOST, HeaderName, HeaderValue};
-use actix_http::{Request, Response};
+use actix_http::{Payload, Request, Response};
 use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 
 use std::pin::Pin;
 use std::task::Poll;
 
 use actix_http::body::MessageBody;
 use bytes::Bytes;
+use metrics::SharedString;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::dispatch::forward::{ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
+use crate::access_log::{Record, Sampler};
+use crate::dispatch::forward::{Hold, ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
 use crate::dispatch::headers::strip_request;
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
-use crate::policy::{Mesh, UpstreamSettings};
+use crate::policy::{Inbound, Mesh, UpstreamSettings};
 use crate::resilience::limits::{Concurrency, RateLimit};
+use crate::snapshot::SharedSnapshot;
+use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
+use crate::traces;
 
 mod tls;
-pub use tls::{CertWatcher, Identity, describe};
+pub use tls::{CertWatcher, Identity, Prepared, describe};
 
 /// The verified identity of the peer sidecar, on every request the app receives through the mesh. The same
 /// header arriving from outside is removed.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-sidecar-peer-identity");
 
+/// The `service` label, access log field and error target of requests the inbound listener serves.
+const INBOUND: &str = "inbound";
+
 /// The peer's identity, read once per connection from its verified certificate.
 #[derive(Debug, Clone)]
 struct PeerIdentity(Option<HeaderValue>);
+
+/// The peer's identity as a metric label (bounded, see [`crate::telemetry::peer_label`]) and as logged.
+#[derive(Debug, Clone)]
+struct Peer {
+    label: SharedString,
+    id: Option<Arc<str>>,
+}
 
 /// The SPIFFE URI SAN of a certificate (`spiffe://...`), if it has exactly one.
 pub fn spiffe_identity(der: &[u8]) -> Option<String> {
@@ -64,18 +86,75 @@ fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
         let leaf = session.peer_certificates()?.first()?;
         spiffe_identity(leaf.as_ref())
     });
-    extensions.insert(PeerIdentity(
-        identity.and_then(|id| HeaderValue::from_str(&id).ok()),
-    ));
+    let header = identity
+        .as_deref()
+        .and_then(|id| HeaderValue::from_str(id).ok());
+    extensions.insert(Peer {
+        label: identity
+            .as_deref()
+            .map_or(SharedString::const_str("none"), |id| {
+                crate::telemetry::peer_label(id)
+            }),
+        id: header.as_ref().and_then(|h| h.to_str().ok()).map(Arc::from),
+    });
+    extensions.insert(PeerIdentity(header));
 }
 
-/// One worker's inbound forwarder: where requests go (the local app), and the worker's client to it.
-struct Local {
+/// What the inbound listener applies to each request: the policy's `mesh.inbound`, less the address. Read once
+/// per request; a reload swaps it whole (see [`SharedSettings`]).
+#[derive(Debug)]
+pub struct Settings {
     app: Upstream,
-    timeout: std::time::Duration,
+    timeout: Duration,
     authorization: Option<Vec<crate::policy::AllowRule>>,
     limits: Arc<Limits>,
+}
+
+/// The settings every worker of the inbound listener (and of its replacements) reads.
+pub type SharedSettings = Arc<ArcSwap<Settings>>;
+
+impl Settings {
+    /// The settings of `inbound`; the limits (and their buckets and slots) of `previous` are kept when their
+    /// policies did not change, so a reload of other settings does not refill every peer's bucket.
+    pub fn new(inbound: &Inbound, previous: Option<&Self>) -> Self {
+        let policies = (inbound.rate_limit.clone(), inbound.concurrency);
+        let limits = match previous {
+            Some(p) if p.limits.policies == policies => p.limits.clone(),
+            _ => Arc::new(Limits {
+                rate: policies
+                    .0
+                    .clone()
+                    .map(|p| RateLimit::new(p, Arc::from(INBOUND))),
+                concurrency: policies.1.map(Concurrency::new),
+                policies,
+            }),
+        };
+        Self {
+            app: inbound.app.clone(),
+            timeout: inbound.request_timeout,
+            authorization: inbound.authorization.clone(),
+            limits,
+        }
+    }
+
+    pub fn shared(inbound: &Inbound) -> SharedSettings {
+        Arc::new(ArcSwap::from_pointee(Self::new(inbound, None)))
+    }
+}
+
+/// One inbound request's forwarder: the settings current when it arrived, and its worker's client to the app.
+struct Local {
+    settings: Arc<Settings>,
     client: awc::Client,
+}
+
+/// `self.app`, `self.timeout`... in [`Local::forward`] read the request's settings.
+impl std::ops::Deref for Local {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
 }
 
 /// The inbound listener's limits, shared by every worker: one rate limit (per peer identity by default) and
@@ -84,6 +163,11 @@ struct Local {
 struct Limits {
     rate: Option<RateLimit>,
     concurrency: Option<Concurrency>,
+    /// What they were made from, to tell whether a reload changes them.
+    policies: (
+        Option<crate::policy::resilience::RateLimitPolicy>,
+        Option<crate::policy::resilience::ConcurrencyPolicy>,
+    ),
 }
 
 /// The response body, holding the request's concurrency slot until it ends.
@@ -113,59 +197,155 @@ impl<B: MessageBody + Unpin> MessageBody for Held<B> {
     }
 }
 
-/// Builds the inbound server on a pre-bound listener. Like the egress listener it serves a raw `actix_http`
-/// service, so the peer's header maps are moved to the app and back, never copied.
+/// Builds the inbound server on a pre-bound listener, with the identity's current TLS versions. Like the egress
+/// listener it serves a raw `actix_http` service, so the peer's header maps are moved to the app and back,
+/// never copied. The server does nothing until it is spawned.
 pub fn server(
-    mesh: &Mesh,
     identity: &Arc<Identity>,
+    settings: SharedSettings,
+    snapshot: SharedSnapshot,
     upstream: &UpstreamSettings,
     listener: TcpListener,
     workers: usize,
+    drain_timeout: Duration,
 ) -> anyhow::Result<Server> {
-    let Some(inbound) = mesh.inbound.clone() else {
-        anyhow::bail!("mesh.inbound is not configured");
-    };
     let config = identity.server_config();
-    let settings = upstream.clone();
-    let name: Arc<str> = Arc::from("inbound");
-    let limits = Arc::new(Limits {
-        rate: inbound
-            .rate_limit
-            .clone()
-            .map(|p| RateLimit::new(p, name.clone())),
-        concurrency: inbound.concurrency.map(Concurrency::new),
-    });
+    let pool = upstream.clone();
     let tls = crate::dispatch::client::tls_config();
     let server = HttpServer::new(move || {
         // Once per worker: the awc client is !Send and lives with its worker.
-        let local = Rc::new(Local {
-            app: inbound.app.clone(),
-            timeout: inbound.request_timeout,
-            authorization: inbound.authorization.clone(),
-            limits: limits.clone(),
-            client: crate::dispatch::client::build(&settings, tls.clone()),
+        let worker = Rc::new(Worker {
+            settings: settings.clone(),
+            snapshot: snapshot.clone(),
+            client: crate::dispatch::client::build(&pool, tls.clone()),
+            instruments: Instruments::inbound(),
+            sampler: Sampler::default(),
         });
         actix_service::fn_service(move |req: Request| {
-            let local = Rc::clone(&local);
-            async move {
-                let res = match local.forward(req).await {
-                    Ok(res) => res,
-                    Err(e) => e.to_response().map_body(|_, b| Held {
-                        inner: EitherBody::right(b),
-                        _permit: None,
-                    }),
-                };
-                Ok::<_, actix_web::Error>(res)
-            }
+            let worker = Rc::clone(&worker);
+            async move { Ok::<_, actix_web::Error>(worker.handle(req).await) }
         })
     })
     .workers(workers)
     .disable_signals()
+    // Requests in flight when the listener is replaced or the sidecar drains get the drain timeout, as on the
+    // egress listener.
+    .shutdown_timeout(drain_timeout.as_secs().max(1))
     .tcp_nodelay(true)
     .on_connect(on_connect)
     .listen_rustls_0_23(listener, config)?
     .run();
     Ok(server)
+}
+
+/// One worker of the inbound listener.
+struct Worker {
+    settings: SharedSettings,
+    /// For the access log's settings.
+    snapshot: SharedSnapshot,
+    client: awc::Client,
+    instruments: Instruments,
+    sampler: Sampler,
+}
+
+impl Worker {
+    /// Serves one inbound request, with the telemetry of every request the sidecar serves: a server span (child
+    /// of the peer's), the duration histogram and the access log line, each with the peer's identity.
+    async fn handle(&self, mut req: Request) -> Response<Timed<Held<ProxyBody>>> {
+        let started = Instant::now();
+        let peer = req.conn_data::<Peer>().cloned().unwrap_or(Peer {
+            label: SharedString::const_str("none"),
+            id: None,
+        });
+        let trace = traces::get().and_then(|t| traces::server_span(t, &req, "https"));
+        if let Some(cx) = &trace {
+            let span = cx.span();
+            span.set_attribute(KeyValue::new("sidecar.direction", INBOUND));
+            if let Some(id) = &peer.id {
+                span.set_attribute(KeyValue::new("sidecar.peer.identity", id.to_string()));
+            }
+            // The app continues the trace from this span, not from the peer's.
+            traces::inject(cx, req.headers_mut());
+        }
+        let in_flight = self.instruments.in_flight();
+        let log = self.snapshot.load().access_log;
+        let record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
+            time: SystemTime::now(),
+            method: req.method().clone(),
+            service: SharedString::const_str(INBOUND),
+            uri: req.uri().clone(),
+            query: log.query,
+            status: 0,
+            upstream: None,
+            attempts: 0,
+            duration: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            trace_id: trace.as_ref().and_then(traces::trace_id),
+            direction: INBOUND,
+            peer: peer.id.clone(),
+        });
+        let bytes_in = match request_body(req.head()) {
+            BodySize::Sized(n) => BytesIn::Known(n),
+            BodySize::Stream => {
+                let count = Rc::default();
+                let payload = req.take_payload();
+                *req.payload() = Payload::Stream {
+                    payload: Box::pin(Counted::new(payload, Rc::clone(&count))),
+                };
+                BytesIn::Counted(count)
+            }
+            BodySize::None => BytesIn::None,
+        };
+        let settings = self.settings.load_full();
+        let mut labels = RequestLabels {
+            service: SharedString::const_str(INBOUND),
+            method: method_label(req.method()),
+            upstream: Some(settings.app.authority().clone()),
+            attempts: 1,
+            bytes_in,
+        };
+        let local = Local {
+            settings,
+            client: self.client.clone(),
+        };
+        let (res, outcome) = match local.forward(req).await {
+            Ok(res) => (res, "ok"),
+            Err(e) => {
+                if matches!(
+                    e.cause,
+                    Cause::Forbidden | Cause::RateLimited | Cause::Overloaded | Cause::BadTarget
+                ) {
+                    // Refused by the sidecar: the app never saw it.
+                    labels.attempts = 0;
+                }
+                let res = e.to_response().map_body(|_, b| Held {
+                    inner: EitherBody::right(b),
+                    _permit: None,
+                });
+                (res, e.cause.as_str())
+            }
+        };
+        if let Some(cx) = &trace {
+            traces::record_server_outcome(cx, res.status(), outcome);
+        }
+        let histogram =
+            self.instruments
+                .server_histogram_of_peer(&labels, &peer.label, res.status(), outcome);
+        let log = record.map(|mut r| {
+            r.status = res.status().as_u16();
+            r.upstream = labels.upstream.take();
+            r.attempts = labels.attempts;
+            r.error = (outcome != "ok").then_some(outcome);
+            (r, std::mem::take(&mut labels.bytes_in))
+        });
+        let hold = Hold {
+            permit: None,
+            trace,
+        };
+        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight, log, hold))
+    }
 }
 
 impl Local {

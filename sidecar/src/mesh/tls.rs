@@ -6,7 +6,9 @@
 //! sidecar's SPIFFE identity and chains to the (new) CA bundle, and it is valid now; anything else — a
 //! half-written file, a key written before its certificate, a certificate from a CA the bundle does not hold
 //! yet — keeps the current set and is retried on the next tick. Handshakes read the current set, so a rotation
-//! reaches every new connection at once and never disturbs an established one.
+//! reaches every new connection at once and never disturbs an established one. A reload that names other files
+//! (or another identity) goes through the same checks first ([`Identity::prepare`]) and is refused when they
+//! fail; a set that passes is swapped in whole ([`Identity::retarget`]) and watched from then on.
 //!
 //! Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]), the listener ([`super::server`]).
 
@@ -86,33 +88,55 @@ struct Reloads {
     rejected_files: Option<[Vec<u8>; 3]>,
 }
 
-/// This sidecar's mesh identity: the certificate it presents and the CA it trusts, current at any moment.
-#[derive(Debug)]
-pub struct Identity {
+/// Which files an identity reads and what they must say: the policy's `mesh` section, less the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Files {
     paths: [PathBuf; 3],
     /// `spiffe://<trust domain>/service/<identity>`: what this sidecar's certificate must name.
     spiffe_id: String,
     tls12: bool,
+}
+
+impl Files {
+    fn of(mesh: &Mesh) -> Self {
+        Self {
+            paths: [mesh.ca.clone(), mesh.cert.clone(), mesh.key.clone()],
+            spiffe_id: crate::certs::spiffe_id(&mesh.trust_domain, &mesh.identity),
+            tls12: mesh.tls12,
+        }
+    }
+}
+
+/// Files a reload names, read and checked, ready for [`Identity::retarget`].
+#[derive(Debug)]
+pub struct Prepared {
+    files: Files,
+    material: Material,
+}
+
+/// This sidecar's mesh identity: the certificate it presents and the CA it trusts, current at any moment.
+#[derive(Debug)]
+pub struct Identity {
+    /// Swapped whole when a reload names other files or another identity.
+    files: ArcSwap<Files>,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Material>,
     reloads: Mutex<Reloads>,
 }
 
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
 impl Identity {
     /// Reads and checks the files the policy names; fails with the file and the reason.
     pub fn load(mesh: &Mesh) -> anyhow::Result<Arc<Self>> {
-        let provider = CryptoProvider::get_default()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-        let paths = [mesh.ca.clone(), mesh.cert.clone(), mesh.key.clone()];
-        let spiffe_id = crate::certs::spiffe_id(&mesh.trust_domain, &mesh.identity);
-        let files = read_files(&paths)?;
-        let material = Material::parse(files, &paths, &spiffe_id, &provider)?;
+        let Prepared { files, material } = Self::prepare(mesh)?;
         let identity = Arc::new(Self {
-            paths,
-            spiffe_id,
-            tls12: mesh.tls12,
-            provider,
+            files: ArcSwap::from_pointee(files),
+            provider: provider(),
             current: ArcSwap::from_pointee(material),
             reloads: Mutex::default(),
         });
@@ -120,9 +144,55 @@ impl Identity {
         Ok(identity)
     }
 
+    /// Reads and checks the files `mesh` names, as start-up does, without using them yet.
+    pub fn prepare(mesh: &Mesh) -> anyhow::Result<Prepared> {
+        let files = Files::of(mesh);
+        let contents = read_files(&files.paths)?;
+        let material = Material::parse(contents, &files.paths, &files.spiffe_id, &provider())?;
+        Ok(Prepared { files, material })
+    }
+
+    /// Whether `mesh` names the files, identity and TLS versions in use.
+    pub fn serves(&self, mesh: &Mesh) -> bool {
+        **self.files.load() == Files::of(mesh)
+    }
+
+    /// Uses files a reload named and [`Identity::prepare`] checked: the next handshake, inbound and
+    /// outbound, presents and verifies with them, and the watch follows the new paths.
+    pub fn retarget(&self, prepared: Prepared) {
+        let Prepared { files, material } = prepared;
+        tracing::info!(
+            identity = %files.spiffe_id,
+            cert = %files.paths[1].display(),
+            serial = %material.leaf.serial,
+            "mesh identity files changed by the policy; new connections use them"
+        );
+        self.files.store(Arc::new(files));
+        self.current.store(Arc::new(material));
+        let mut reloads = self.lock();
+        reloads.applied += 1;
+        reloads.last_applied = Some(SystemTime::now());
+        reloads.pending_error = None;
+        reloads.rejected_files = None;
+        drop(reloads);
+        metrics::counter!(RELOADS, "result" => "applied").increment(1);
+        self.publish_expiry();
+    }
+
+    /// The SPIFFE id this sidecar's certificate names.
+    pub fn spiffe_id(&self) -> String {
+        self.files.load().spiffe_id.clone()
+    }
+
+    /// Whether TLS 1.2 is accepted besides 1.3.
+    pub fn tls12(&self) -> bool {
+        self.files.load().tls12
+    }
+
     /// Re-reads the files; swaps in the new material when they changed and hold a usable set.
     pub fn refresh(&self) {
-        let files = match read_files(&self.paths) {
+        let target = self.files.load_full();
+        let files = match read_files(&target.paths) {
             Ok(f) => f,
             Err(e) => {
                 self.reject(None, format!("{e:#}"));
@@ -136,7 +206,14 @@ impl Identity {
         if self.lock().rejected_files.as_ref() == Some(&files) {
             return;
         }
-        match Material::parse(files.clone(), &self.paths, &self.spiffe_id, &self.provider) {
+        match Material::parse(
+            files.clone(),
+            &target.paths,
+            &target.spiffe_id,
+            &self.provider,
+        ) {
+            // A reload that named other files meanwhile wins: these were read for the old ones.
+            Ok(_) if !Arc::ptr_eq(&target, &self.files.load()) => {}
             Ok(material) => {
                 tracing::info!(
                     serial = %material.leaf.serial,
@@ -183,14 +260,15 @@ impl Identity {
     /// The admin state: the certificates in use, their expiry, and the reloads.
     pub fn state(&self) -> serde_json::Value {
         let material = self.current.load();
+        let files = self.files.load();
         let now = unix_now();
         let reloads = self.lock();
         serde_json::json!({
-            "identity": self.spiffe_id,
+            "identity": files.spiffe_id,
             "files": {
-                "ca": self.paths[0].display().to_string(),
-                "cert": self.paths[1].display().to_string(),
-                "key": self.paths[2].display().to_string(),
+                "ca": files.paths[0].display().to_string(),
+                "cert": files.paths[1].display().to_string(),
+                "key": files.paths[2].display().to_string(),
             },
             "certificate": material.leaf,
             "expires_in_seconds": material.leaf.not_after - now,
@@ -210,9 +288,10 @@ impl Identity {
     /// The inbound listener's configuration: client certificates required and verified against the current
     /// CA bundle, our current certificate presented.
     pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_protocol_versions(versions(self.tls12))
-            .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.clone())))
-            .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        let mut config =
+            rustls::ServerConfig::builder_with_protocol_versions(versions(self.tls12()))
+                .with_client_cert_verifier(Arc::new(CurrentClientVerifier(self.clone())))
+                .with_cert_resolver(Arc::new(CurrentCert(self.clone())));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         config
     }
@@ -224,10 +303,11 @@ impl Identity {
             expected,
             algorithms: self.provider.signature_verification_algorithms,
         });
-        let mut config = rustls::ClientConfig::builder_with_protocol_versions(versions(self.tls12))
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(Arc::new(CurrentCert(self.clone())));
+        let mut config =
+            rustls::ClientConfig::builder_with_protocol_versions(versions(self.tls12()))
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_client_cert_resolver(Arc::new(CurrentCert(self.clone())));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         config
     }

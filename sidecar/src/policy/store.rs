@@ -125,6 +125,12 @@ impl PolicySource {
 
 /// The listeners, as the store drives them when a policy changes their addresses, workers or pools.
 pub trait ListenerControl {
+    /// Reads and checks what `next` needs before anything changes (the mesh certificate files it names);
+    /// every error rejects the reload, as an invalid file does, and the running policy keeps serving.
+    fn prepare(&mut self, _running: &Policy, _next: &Policy) -> Result<(), Vec<String>> {
+        Ok(())
+    }
+
     /// Applies the listener and pool settings of `next`; one result per change, `Err` when a change could not
     /// be made (the listener then stays as it was).
     fn apply(&mut self, running: &Policy, next: &Policy) -> Vec<Result<String, String>>;
@@ -244,7 +250,19 @@ impl PolicyStore {
 
     /// Reads the sources again and publishes them if they are valid and changed.
     fn reload(&mut self, trigger: &'static str) -> ReloadReport {
-        let report = match self.source.load() {
+        let loaded = self.source.load().and_then(|policy| {
+            if policy.hash == self.active.hash {
+                return Ok(policy);
+            }
+            match self.listeners.as_mut() {
+                Some(control) => control
+                    .prepare(&self.active, &policy)
+                    .map(|()| policy)
+                    .map_err(|errors| PolicyErrors { errors }),
+                None => Ok(policy),
+            }
+        });
+        let report = match loaded {
             Err(errors) => {
                 for e in &errors.errors {
                     tracing::warn!(trigger, error = %e, "policy rejected; the previous policy keeps serving");

@@ -6,6 +6,7 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod mesh;
 pub mod process;
 
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -40,6 +40,19 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Waits until `addr` accepts connections (a listener the process binds after its egress one, such as the mesh
+/// inbound listener), within the deadline.
+pub fn until_listening(addr: SocketAddr) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < super::DEADLINE,
+            "nothing listens on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A running sidecar process, killed on drop.
 pub struct SidecarProcess {
     pub addr: SocketAddr,
