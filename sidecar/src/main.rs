@@ -156,6 +156,7 @@ fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
         policy: path.map(Path::to_path_buf).or_else(|| cli.policy.clone()),
         dispatch: dispatch_config(cli),
         watch: !cli.no_watch,
+        reload_debounce: None,
         overrides,
     })
 }

@@ -359,3 +359,138 @@ fn certs_writes_a_development_ca_and_says_where() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/slashes"));
 }
+
+/// `sidecar check` on `text`, written to a file of `dir`: its exit status, stderr and how long it took.
+fn check_text(
+    dir: &std::path::Path,
+    name: &str,
+    text: &str,
+) -> (Option<i32>, String, std::time::Duration) {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("check").arg(&file).env_remove("SIDECAR_CONFIG");
+    let start = std::time::Instant::now();
+    let out = run_to_end(cmd);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+/// Regression (issue 14 item 7): a flow sequence nested 100,000 deep kept the parser busy past 10 s, in `check`
+/// and at start-up alike; the time grew with the square of the depth.
+#[test]
+fn a_deeply_nested_policy_is_refused_fast_with_a_clear_message() {
+    const DEEP: usize = 100_000;
+    let dir = temp_dir("deep");
+    let cases = [
+        (
+            "flow-seq.yaml",
+            format!("services: {}{}", "[".repeat(DEEP), "]".repeat(DEEP)),
+        ),
+        (
+            "flow-map.yaml",
+            format!("services: {}1{}", "{a: ".repeat(DEEP), "}".repeat(DEEP)),
+        ),
+        (
+            "block-seq.yaml",
+            format!("services:\n  {}x\n", "- ".repeat(DEEP)),
+        ),
+        (
+            "block-map.yaml",
+            (0..2_000)
+                .map(|d| format!("{}k{d}:\n", " ".repeat(d)))
+                .collect(),
+        ),
+    ];
+    for (name, text) in &cases {
+        let (code, err, took) = check_text(&dir, name, text);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(
+            err.contains("nested more than 64 levels deep; refused before parsing"),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains(&format!("{name}:")),
+            "{name}: the file is named: {err}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "{name}: took {took:?}"
+        );
+    }
+
+    // Start-up refuses it as fast, with the same message.
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(dir.join("flow-seq.yaml"))
+        .env_remove("SIDECAR_CONFIG")
+        .env("SIDECAR_PORT", "0");
+    let start = std::time::Instant::now();
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nested more than 64 levels deep"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+
+    // A policy nested as deep as real ones are (and deeper, in flow style) is still accepted.
+    let brackets = "[".repeat(100);
+    let nested = format!(
+        "services:\n  orders:\n    endpoints: ['127.0.0.1:8080']\n    retries:\n      on: [reset, 503, \"500-502\"]\n      backoff: {{base: 10ms, max: 1s}}\n    # a comment with {brackets}\ndispatch:\n  key: x-client\n  destination: http://127.0.0.1:9\n  rewrites:\n    dev:\n      destination: http://127.0.0.1:9\n      patch:\n        - key: x-note\n          val: \"{brackets}\"\n        - key: x-other\n          val: don't {brackets}\n"
+    );
+    let (code, err, _) = check_text(&dir, "nested.yaml", &nested);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Regression (issue 15 item 7): an empty policy file (an editor's truncate-then-write leaves one for a moment)
+/// was applied as a valid empty policy, and every service was unknown.
+#[test]
+fn an_empty_or_comments_only_policy_file_is_refused_by_check_and_at_start_up() {
+    let dir = temp_dir("empty");
+    for (name, text) in [
+        ("empty.yaml", ""),
+        ("blank.yaml", "\n   \n"),
+        ("comments.yaml", "# services:\n#   orders: {}\n---\n"),
+    ] {
+        let (code, err, _) = check_text(&dir, name, text);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{name}: the policy file is empty")),
+            "{name}: {err}"
+        );
+    }
+
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(dir.join("empty.yaml"))
+        .env_remove("SIDECAR_CONFIG")
+        .env("SIDECAR_PORT", "0");
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the policy file is empty"));
+
+    // In a directory, the empty file is refused, not skipped.
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("a.yaml"),
+        "services:\n  orders:\n    endpoints: ['127.0.0.1:8080']\n",
+    )
+    .unwrap();
+    std::fs::write(policies.join("b.yaml"), "").unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("check").arg(&policies).env_remove("SIDECAR_CONFIG");
+    let out = run_to_end(cmd);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.yaml: the policy file is empty"), "{err}");
+
+    // `{}` says "nothing" on purpose, and is accepted.
+    let (code, err, _) = check_text(&dir, "nothing.yaml", "{}\n");
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -452,3 +452,111 @@ async fn a_request_timeout_change_applies_at_once_without_a_restart() {
     );
     sidecar.stop().await;
 }
+
+/// Regression (issue 15 item 7): editors that truncate a file and then write it leave it empty for a moment; the
+/// watcher applied that empty policy, and every request to a service failed until the write (840 failures in
+/// seven edits). The empty file is now refused and the old policy keeps serving.
+#[actix_rt::test]
+async fn truncate_then_write_edits_under_steady_traffic_lose_no_request() {
+    use std::sync::atomic::AtomicBool;
+    const EDITS: usize = 7;
+    // Longer than the debounce below, as a slow editor (or a large file) would leave it.
+    const EDITOR_PAUSE: Duration = Duration::from_millis(200);
+    let (a, b) = (named("A").await, named("B").await);
+    let dir = policy_dir("truncate");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_source(sidecar::policy::store::PolicySource {
+        policy: Some(file.clone()),
+        watch: true,
+        reload_debounce: Some(Duration::from_millis(50)),
+        ..sidecar::policy::store::PolicySource::default()
+    });
+    until_served_by(&sidecar, "A").await;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (addr, done, sent) = (sidecar.addr, done.clone(), sent.clone());
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let mut failures = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                conn.send(
+                    b"GET / HTTP/1.1\r\nhost: app\r\ntarget: orders\r\ninternal: true\r\n\r\n",
+                )
+                .await;
+                let reply = conn.read(false).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if reply.status != 200 {
+                    failures.push(format!("{} {}", reply.status, reply.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failures
+        }));
+    }
+
+    let start = Instant::now();
+    for edit in 0..EDITS {
+        let (next, name) = if edit % 2 == 0 { (&b, "B") } else { (&a, "A") };
+        // Truncate, pause, write: the file is empty in between.
+        drop(std::fs::File::create(&file).unwrap());
+        tokio::time::sleep(EDITOR_PAUSE).await;
+        std::fs::write(&file, orders_policy(next)).unwrap();
+        until_served_by(&sidecar, name).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    let took = start.elapsed();
+
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!(
+        "{total} requests during {EDITS} edits in {took:?}; applied {}, rejected {}",
+        status["reloads_applied"], status["reloads_rejected"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(status["reloads_applied"], EDITS, "{status}");
+    assert!(
+        status["reloads_rejected"].as_u64().unwrap() >= 1,
+        "the empty moments were never seen: {status}"
+    );
+    assert!(status["last_error"].is_null(), "{status}");
+    assert!(took < DEADLINE, "{EDITS} edits took {took:?}");
+    sidecar.stop().await;
+}
+
+/// Regression (issue 15 item 13): `last_error` kept showing the error of a file that had since been fixed and
+/// applied, so an operator could not tell a broken file on disk from an old mistake.
+#[actix_rt::test]
+async fn last_error_clears_once_the_fixed_file_is_applied() {
+    let (a, b) = (named("A").await, named("B").await);
+    let dir = policy_dir("last-error");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+
+    std::fs::write(&file, "services:\n  orders:\n    endpoints: []\n").unwrap();
+    let (status, _) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 422);
+    let (_, policy) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert_eq!(policy["last_error"]["result"], "rejected", "{policy}");
+
+    std::fs::write(&file, orders_policy(&b)).unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    let (_, policy) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert!(policy["last_error"].is_null(), "{policy}");
+    assert_eq!(policy["reloads_rejected"], 1, "the history stays counted");
+    sidecar.stop().await;
+}
