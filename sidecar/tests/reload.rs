@@ -560,3 +560,93 @@ async fn last_error_clears_once_the_fixed_file_is_applied() {
     assert_eq!(policy["reloads_rejected"], 1, "the history stays counted");
     sidecar.stop().await;
 }
+
+/// Regression (issue 14 item 8): `POST /admin/reload` with `Origin: http://evil.example` was accepted, so any page
+/// a browser on this machine opened could make it reload (or, later, change) the sidecar.
+#[actix_rt::test]
+async fn cross_site_admin_requests_are_refused_and_local_tools_still_work() {
+    let a = named("A").await;
+    let dir = policy_dir("cross-site");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    let port = sidecar.admin.port();
+    let post = |extra: String| {
+        let admin = sidecar.admin;
+        async move {
+            request(
+                admin,
+                &format!("POST /admin/reload HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{extra}content-length: 0\r\n\r\n"),
+            )
+            .await
+        }
+    };
+
+    // What a browser sends when a page elsewhere posts to the admin listener.
+    for extra in [
+        "origin: http://evil.example\r\n".to_string(),
+        "origin: null\r\n".to_string(),
+        format!("origin: http://127.0.0.1:{}\r\n", port.wrapping_add(1)),
+        format!("origin: https://127.0.0.1:{port}\r\n"),
+        "sec-fetch-site: cross-site\r\n".to_string(),
+        "sec-fetch-site: same-site\r\n".to_string(),
+        "content-type: application/x-www-form-urlencoded\r\n".to_string(),
+        "content-type: text/plain;charset=UTF-8\r\n".to_string(),
+    ] {
+        let reply = post(extra.clone()).await;
+        assert_eq!(reply.status, 403, "{extra:?}: {}", reply.text());
+        let body = reply.json();
+        assert_eq!(body["error"], "cross-site-request", "{extra:?}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().starts_with("refused: "),
+            "{body}"
+        );
+    }
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert!(
+        status["last_reload"].is_null(),
+        "a refused request reloaded: {status}"
+    );
+
+    // The listener's own origin, and tools that send no Origin, are served.
+    for extra in [
+        format!("origin: http://127.0.0.1:{port}\r\n"),
+        format!("origin: http://localhost:{port}\r\nsec-fetch-site: same-origin\r\n"),
+        "content-type: application/json\r\n".to_string(),
+        String::new(),
+    ] {
+        let reply = post(extra.clone()).await;
+        assert_eq!(reply.status, 200, "{extra:?}: {}", reply.text());
+    }
+    // curl, run off this thread: the policy store answering it lives here.
+    let url = format!("http://127.0.0.1:{port}/admin/reload");
+    let curl = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+            ])
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+
+    // Reads are not refused: a browser keeps a foreign page from seeing the answer anyway.
+    let read = request(
+        sidecar.admin,
+        "GET /admin/policy HTTP/1.1\r\nhost: a\r\norigin: http://evil.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(read.status, 200);
+    sidecar.stop().await;
+}
