@@ -192,7 +192,16 @@ fn certs(services: &[String], out: &Path, trust_domain: &str, days: i64) -> anyh
 }
 
 fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
-    let loaded = source(cli, path).and_then(|s| s.load().map_err(|e| anyhow::anyhow!("{e}")));
+    let loaded = source(cli, path)
+        .and_then(|s| s.load().map_err(|e| anyhow::anyhow!("{e}")))
+        .and_then(|policy| {
+            let errors = files_named(&policy);
+            if errors.is_empty() {
+                Ok(policy)
+            } else {
+                Err(anyhow::anyhow!("{}", errors.join("\n")))
+            }
+        });
     match loaded {
         Ok(policy) => {
             println!("{}: ok", policy.source);
@@ -207,6 +216,12 @@ fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
                     endpoints.len(),
                     endpoints.join(", "),
                     sidecar::policy::duration::format(s.request_timeout)
+                );
+            }
+            if let Some(mesh) = &policy.mesh {
+                println!(
+                    "mesh: {}, certificate, key and CA ok",
+                    sidecar::certs::spiffe_id(&mesh.trust_domain, &mesh.identity)
                 );
             }
             if let Some(d) = &policy.dispatch {
@@ -224,6 +239,22 @@ fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The checks start-up makes on the files a valid policy names (the mesh certificate, key and CA; the egress
+/// roots), so that `check` passes only what start-up accepts. One message per failure.
+fn files_named(policy: &sidecar::policy::Policy) -> Vec<String> {
+    sidecar::install_crypto_provider();
+    let mut errors = Vec::new();
+    if let Some(mesh) = &policy.mesh
+        && let Err(e) = sidecar::mesh::Identity::load(mesh)
+    {
+        errors.push(format!("{e:#}"));
+    }
+    if let Err(e) = sidecar::dispatch::client::egress_tls(&policy.egress.roots) {
+        errors.push(format!("{e:#}"));
+    }
+    errors
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {

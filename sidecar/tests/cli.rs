@@ -494,3 +494,73 @@ fn an_empty_or_comments_only_policy_file_is_refused_by_check_and_at_start_up() {
     let (code, err, _) = check_text(&dir, "nothing.yaml", "{}\n");
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Development certificates for `services` in `dir`, from the binary itself.
+fn issue_certs(dir: &std::path::Path, services: &[&str]) -> std::process::Output {
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--trust-domain", "mesh.test", "--out"])
+        .arg(dir)
+        .args(services);
+    run_to_end(cmd)
+}
+
+/// Regression (issue 15 item 11): `sidecar check` passed a policy whose mesh files start-up refuses, so gating a
+/// deploy on `check` let a sidecar through that would not start.
+#[test]
+fn check_refuses_the_mesh_files_start_up_refuses() {
+    let dir = temp_dir("check-mesh");
+    let certs = dir.join("certs");
+    assert!(issue_certs(&certs, &["orders"]).status.success());
+    std::fs::write(certs.join("garbage.pem"), "not a certificate\n").unwrap();
+    let mesh = |identity: &str, cert: &str, key: &str| {
+        format!(
+            "mesh:\n  trust_domain: mesh.test\n  identity: {identity}\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\n",
+            certs.join("ca.pem").display(),
+            certs.join(cert).display(),
+            certs.join(key).display()
+        )
+    };
+
+    let (code, err, _) = check_text(
+        &dir,
+        "good.yaml",
+        &mesh("orders", "orders.pem", "orders-key.pem"),
+    );
+    assert_eq!(code, Some(0), "{err}");
+
+    for (name, text, says) in [
+        (
+            "other-identity.yaml",
+            mesh("payments", "orders.pem", "orders-key.pem"),
+            "spiffe://mesh.test/service/payments",
+        ),
+        (
+            "missing-key.yaml",
+            mesh("orders", "orders.pem", "nope-key.pem"),
+            "nope-key.pem",
+        ),
+        (
+            "garbage-cert.yaml",
+            mesh("orders", "garbage.pem", "orders-key.pem"),
+            "garbage.pem",
+        ),
+    ] {
+        let (code, err, _) = check_text(&dir, name, &text);
+        assert_eq!(code, Some(1), "{name}: check passed it: {err}");
+        assert!(err.contains(says), "{name}: {err}");
+
+        // Start-up refuses it too, for the same reason.
+        let mut cmd = sidecar_bin();
+        cmd.arg("--policy")
+            .arg(dir.join(name))
+            .env_remove("SIDECAR_CONFIG")
+            .env("SIDECAR_PORT", "0")
+            .args(["--admin", "127.0.0.1:0"]);
+        let out = run_to_end(cmd);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{name}"
+        );
+    }
+}
