@@ -564,3 +564,130 @@ fn check_refuses_the_mesh_files_start_up_refuses() {
         );
     }
 }
+
+/// `openssl verify` of the first certificate of `cert` against the CA file `ca`.
+fn chains_to(ca: &std::path::Path, cert: &std::path::Path) -> bool {
+    let out = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg(cert)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+/// Regression (issue 15 item 12): a second `sidecar certs` replaced `ca.pem` and `ca-key.pem`, so every certificate
+/// issued before stopped chaining, though the first run said to keep the key "to issue more".
+#[test]
+fn certs_run_again_issues_from_the_kept_ca_and_replaces_it_only_with_force() {
+    let dir = temp_dir("certs-again");
+    let out = issue_certs(&dir, &["orders"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(not for production, new)"));
+    let first = dir.join("orders-first.pem");
+    std::fs::copy(dir.join("orders.pem"), &first).unwrap();
+    let ca_before = std::fs::read(dir.join("ca.pem")).unwrap();
+
+    let out = issue_certs(&dir, &["payments"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(not for production, kept)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("ca.pem")).unwrap(),
+        ca_before,
+        "the CA was replaced"
+    );
+    let ca = dir.join("ca.pem");
+    assert!(
+        chains_to(&ca, &first),
+        "the first certificate no longer chains"
+    );
+    assert!(chains_to(&ca, &dir.join("payments.pem")));
+
+    // From an explicit CA elsewhere: nothing of the CA is written there.
+    let other = dir.join("other");
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--trust-domain", "mesh.test", "--out"])
+        .arg(&other)
+        .arg("--ca")
+        .arg(&ca)
+        .arg("billing");
+    let out = run_to_end(cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(chains_to(&ca, &other.join("billing.pem")));
+    assert!(!other.join("ca.pem").exists());
+
+    // A CA with only one of its two files is not silently replaced.
+    let half = dir.join("half");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::copy(&ca, half.join("ca.pem")).unwrap();
+    let out = issue_certs(&half, &["orders"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(half.join("ca.pem")).unwrap(), ca_before);
+
+    // --force makes a new CA; what the old one issued stops chaining, as the help says.
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--force", "--out"])
+        .arg(&dir)
+        .arg("orders");
+    assert!(run_to_end(cmd).status.success());
+    assert_ne!(std::fs::read(&ca).unwrap(), ca_before);
+    assert!(!chains_to(&ca, &first));
+    assert!(chains_to(&ca, &dir.join("orders.pem")));
+}
+
+/// Regression (issue 15 item 13): `--days 365` gave certificates with 364 days left (`notBefore` a day early,
+/// and the validity counted from it).
+#[test]
+fn certs_days_counts_from_now() {
+    let dir = temp_dir("certs-days");
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--days", "365", "--out"])
+        .arg(&dir)
+        .arg("orders");
+    assert!(run_to_end(cmd).status.success());
+    let checkend = |seconds: u64| {
+        std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-checkend", &seconds.to_string(), "-in"])
+            .arg(dir.join("orders.pem"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let year = 365 * 86_400;
+    assert!(
+        checkend(year - 3_600),
+        "expires within 365 days less an hour"
+    );
+    assert!(!checkend(year + 3_600), "valid for more than 365 days");
+}
+
+/// Regression (issue 15 item 13): `sidecar certs --help` listed `--policy`, `--dispatch-config` and `--no-watch`,
+/// which do nothing for it.
+#[test]
+fn certs_help_lists_only_its_own_options() {
+    let mut cmd = sidecar_bin();
+    cmd.args(["certs", "--help"]);
+    let out = run_to_end(cmd);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for foreign in ["--policy", "--dispatch-config", "--no-watch"] {
+        assert!(!help.contains(foreign), "{foreign} in:\n{help}");
+    }
+    for own in ["--out", "--trust-domain", "--days", "--ca", "--force"] {
+        assert!(help.contains(own), "{own} missing in:\n{help}");
+    }
+}
