@@ -691,3 +691,60 @@ fn certs_help_lists_only_its_own_options() {
         assert!(help.contains(own), "{own} missing in:\n{help}");
     }
 }
+
+/// A listener that treats whatever arrives as an HTTP server treats garbage: it answers `400 Bad Request` (when
+/// `answers`) and closes.
+async fn plain_http_server(answers: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                if stream.read(&mut buf).await.unwrap_or(0) > 0 && answers {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Regression (issue 15 item 13): a mesh endpoint that does not speak TLS (a plain HTTP server, a wrong port)
+/// was reported as `upstream-reset` when it closed on the ClientHello ("tls handshake eof"), while the docs
+/// promise `upstream-tls-error` for a failed handshake.
+#[actix_rt::test]
+async fn a_mesh_endpoint_that_does_not_speak_tls_is_a_tls_error() {
+    let dir = temp_dir("not-tls");
+    assert!(issue_certs(&dir, &["payments"]).status.success());
+    let (answers, closes) = (
+        plain_http_server(true).await,
+        plain_http_server(false).await,
+    );
+    let policy = format!(
+        "mesh:\n  trust_domain: mesh.test\n  identity: payments\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\nservices:\n  answers:\n    mesh: true\n    endpoints: ['{answers}']\n    retries:\n      max_retries: 0\n  closes:\n    mesh: true\n    endpoints: ['{closes}']\n    retries:\n      max_retries: 0\n",
+        dir.join("ca.pem").display(),
+        dir.join("payments.pem").display(),
+        dir.join("payments-key.pem").display()
+    );
+    let sidecar = support::Sidecar::start(&policy);
+    for service in ["answers", "closes"] {
+        let reply = get(
+            sidecar.addr,
+            "/",
+            &[("target", service), ("internal", "true")],
+        )
+        .await;
+        assert_eq!(reply.status, 502, "{service}: {}", reply.text());
+        assert_eq!(
+            reply.header("x-sidecar-error"),
+            Some("upstream-tls-error"),
+            "{service}: {}",
+            reply.text()
+        );
+    }
+    sidecar.stop().await;
+}
