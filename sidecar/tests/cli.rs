@@ -748,3 +748,50 @@ async fn a_mesh_endpoint_that_does_not_speak_tls_is_a_tls_error() {
     }
     sidecar.stop().await;
 }
+
+/// Documentation check (issue 15 item 13): the inbound listener serves HTTP/2 to a client that offers `h2` by ALPN
+/// (actix-http adds it), and HTTP/1.1 to one that offers only `http/1.1`, as docs/mesh.md says.
+#[actix_rt::test]
+async fn the_inbound_listener_speaks_h2_or_http1_by_alpn() {
+    let dir = temp_dir("alpn");
+    assert!(issue_certs(&dir, &["orders", "payments"]).status.success());
+    let app = RawUpstream::ok().await;
+    let policy = format!(
+        "mesh:\n  trust_domain: mesh.test\n  identity: orders\n  ca: '{}'\n  cert: '{}'\n  key: '{}'\n  inbound:\n    listen: 127.0.0.1:0\n    app: '{}'\n",
+        dir.join("ca.pem").display(),
+        dir.join("orders.pem").display(),
+        dir.join("orders-key.pem").display(),
+        app.addr
+    );
+    let sidecar = support::Sidecar::start(&policy);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let curl = |version: &'static str| {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-m",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                    version,
+                ])
+                .arg("--cacert")
+                .arg(dir.join("ca.pem"))
+                .arg("--cert")
+                .arg(dir.join("payments.pem"))
+                .arg("--key")
+                .arg(dir.join("payments-key.pem"))
+                .arg(format!("https://127.0.0.1:{}/", inbound.port()))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    assert_eq!(curl("--http2").await.unwrap(), "200 2");
+    assert_eq!(curl("--http1.1").await.unwrap(), "200 1.1");
+    sidecar.stop().await;
+}
