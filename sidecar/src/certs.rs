@@ -12,14 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-
-/// What `sidecar certs` writes: the CA, and a certificate chain and key per service.
-#[derive(Debug)]
-pub struct Written {
-    pub ca: PathBuf,
-    pub ca_key: PathBuf,
-    pub services: Vec<(String, PathBuf, PathBuf)>,
-}
+use rustls::pki_types::pem::PemObject as _;
 
 /// The SPIFFE identity of a service in a trust domain.
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
@@ -58,13 +51,12 @@ fn timestamp(unix: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// A development CA: its certificate and key, in PEM.
+/// A development CA: its certificate and key, in PEM, and the issuer made of them.
 #[derive(Debug)]
 pub struct Ca {
     pub cert_pem: String,
     pub key_pem: String,
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 impl Ca {
@@ -84,8 +76,31 @@ impl Ca {
         Ok(Self {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            params,
-            key,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A CA kept from before (`ca.pem` and `ca-key.pem`, or any CA certificate and its key in PEM), to issue
+    /// more certificates that chain to it. Fails when the key is not the certificate's.
+    pub fn load(cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let key = KeyPair::from_pem(key_pem).context("the CA key is not a PEM private key")?;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .context("the CA certificate is not a PEM certificate")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow::anyhow!("the CA certificate cannot be parsed: {e}"))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            anyhow::bail!("the CA key is not the key of the CA certificate");
+        }
+        if !cert.is_ca() {
+            anyhow::bail!("the CA certificate is not a CA (no basicConstraints CA:TRUE)");
+        }
+        let issuer = Issuer::from_ca_cert_der(&der, key)
+            .context("the CA certificate cannot issue certificates")?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
         })
     }
 
@@ -117,8 +132,7 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         window(&mut params, validity);
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok((
             format!("{}{}", cert.pem(), self.cert_pem),
             key.serialize_pem(),
@@ -126,24 +140,73 @@ impl Ca {
     }
 }
 
-/// Writes a CA and one certificate per service into `dir`: `ca.pem`, `ca-key.pem`, `<service>.pem`,
-/// `<service>-key.pem`.
+/// Which CA `sidecar certs` issues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// `ca.pem` and `ca-key.pem` of the output directory when they are there (certificates issued before keep
+    /// chaining), else a new CA written there.
+    Kept,
+    /// A CA certificate and its key, elsewhere; nothing of the CA is written.
+    Given { cert: PathBuf, key: PathBuf },
+    /// A new CA, replacing the one in the output directory (`--force`): what it issued before stops chaining.
+    Replace,
+}
+
+/// The CA in use and whether `write` created it.
+#[derive(Debug)]
+pub struct Written {
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    /// True when the CA was created by this run (none was there, or `--force`).
+    pub new_ca: bool,
+    pub services: Vec<(String, PathBuf, PathBuf)>,
+}
+
+/// Writes one certificate per service into `dir` (`<service>.pem`, `<service>-key.pem`), issued by the CA
+/// `source` names; a new CA goes to `dir/ca.pem` and `dir/ca-key.pem`. Each certificate is valid from a day
+/// ago (clocks differ) until `days` days from now.
 pub fn write(
     dir: &Path,
     trust_domain: &str,
     services: &[String],
     days: i64,
+    source: &CaSource,
 ) -> anyhow::Result<Written> {
     use anyhow::Context as _;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let validity = Validity {
         start_days: -1,
-        days,
+        days: days + 1,
     };
-    let ca = Ca::generate(trust_domain, validity)?;
-    let (ca_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
-    write_file(&ca_path, &ca.cert_pem, false)?;
-    write_file(&ca_key_path, &ca.key_pem, true)?;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (here, here_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let (ca, ca_path, ca_key_path, new_ca) = match source {
+        CaSource::Given { cert, key } => {
+            let ca = Ca::load(&read(cert)?, &read(key)?)
+                .with_context(|| format!("{} and {}", cert.display(), key.display()))?;
+            (ca, cert.clone(), key.clone(), false)
+        }
+        CaSource::Kept if here.exists() || here_key.exists() => {
+            if !(here.exists() && here_key.exists()) {
+                anyhow::bail!(
+                    "{} holds only one of ca.pem and ca-key.pem: restore the other, or pass --force to replace the \
+                     CA (certificates it issued stop chaining)",
+                    dir.display()
+                );
+            }
+            let ca = Ca::load(&read(&here)?, &read(&here_key)?)
+                .with_context(|| format!("{} (pass --force to replace the CA)", here.display()))?;
+            (ca, here, here_key, false)
+        }
+        CaSource::Kept | CaSource::Replace => {
+            let ca = Ca::generate(trust_domain, validity)?;
+            write_file(&here, &ca.cert_pem, false)?;
+            write_file(&here_key, &ca.key_pem, true)?;
+            (ca, here, here_key, true)
+        }
+    };
     let mut written = Vec::new();
     for service in services {
         let (chain, key) = ca.issue(trust_domain, service, validity)?;
@@ -158,6 +221,7 @@ pub fn write(
     Ok(Written {
         ca: ca_path,
         ca_key: ca_key_path,
+        new_ca,
         services: written,
     })
 }

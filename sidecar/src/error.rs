@@ -194,6 +194,17 @@ impl ProxyError {
                 }
                 ConnectError::SslIsNotSupported => Cause::UpstreamTls,
                 ConnectError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Cause::ConnectTimeout,
+                // The TCP connection stood (a refused one is `ConnectionRefused`): an end or a reset before the
+                // connection is ready can only come from the TLS handshake. That is an endpoint that does not
+                // speak TLS (it closed on our ClientHello) or that refused us; the request never left.
+                ConnectError::Io(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    Cause::UpstreamTls
+                }
                 ConnectError::Io(e) => classify_io(e),
                 _ => Cause::UpstreamReset,
             },

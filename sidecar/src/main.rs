@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about)]
 struct Cli {
     /// Policy file or directory of *.yaml files (the embedded default when not given).
-    #[arg(long, env = "SIDECAR_POLICY", global = true)]
+    #[arg(long, env = "SIDECAR_POLICY")]
     policy: Option<PathBuf>,
     /// Egress listener address: an IP (the port stays) or IP:PORT. Overrides the policy and SIDECAR_PORT.
     #[arg(long, value_name = "ADDR")]
@@ -37,13 +37,13 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Seed dispatcher config (dispatch rules); `./config.yaml` is used when it exists and this is not set.
-    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE", global = true)]
+    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE")]
     dispatch_config: Option<PathBuf>,
     /// Worker threads for the egress listener. Overrides the policy.
     #[arg(long)]
     workers: Option<usize>,
     /// Do not reload when the policy files change (SIGHUP and POST /admin/reload still do).
-    #[arg(long, global = true)]
+    #[arg(long)]
     no_watch: bool,
     /// Turn the access log (JSON lines on stdout) on or off. Overrides the policy.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
@@ -60,21 +60,38 @@ enum Command {
     Check {
         /// Policy file or directory (default: --policy, else the embedded default).
         path: Option<PathBuf>,
+        /// Seed dispatcher config merged in as at start-up (default: the top-level --dispatch-config or
+        /// SIDECAR_CONFIG, else ./config.yaml when it exists).
+        #[arg(long, value_name = "FILE")]
+        dispatch_config: Option<PathBuf>,
     },
-    /// Development tooling, not a production CA: create a mesh CA and a certificate per service (SPIFFE
-    /// identity spiffe://<trust-domain>/service/<name>), and say where they were written.
+    /// Development tooling, not a production CA: create a mesh CA (or issue from the one kept in --out, or from
+    /// --ca) and a certificate per service (SPIFFE identity spiffe://<trust-domain>/service/<name>), and say
+    /// where they were written.
     Certs {
         /// The services to issue certificates for.
         #[arg(required = true)]
         services: Vec<String>,
-        /// Where to write ca.pem, ca-key.pem, <service>.pem and <service>-key.pem.
+        /// Where to write <service>.pem and <service>-key.pem, and ca.pem and ca-key.pem when a CA is created.
+        /// A CA already there (ca.pem and ca-key.pem) issues the certificates; it is never replaced without
+        /// --force.
         #[arg(long, default_value = "certs")]
         out: PathBuf,
+        /// The SPIFFE trust domain the certificates name.
         #[arg(long, default_value = "mesh.local")]
         trust_domain: String,
-        /// How long the certificates are valid.
-        #[arg(long, default_value_t = 365)]
+        /// Days from now until the certificates expire (they are valid from a day ago, for clock skew).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(1..=36_500))]
         days: i64,
+        /// Issue from this CA certificate (PEM) instead of the one in --out.
+        #[arg(long, value_name = "FILE", conflicts_with = "force")]
+        ca: Option<PathBuf>,
+        /// The key of --ca (default: beside it, `<name>-key.pem` for `<name>.pem`).
+        #[arg(long, value_name = "FILE", requires = "ca")]
+        ca_key: Option<PathBuf>,
+        /// Replace the CA in --out with a new one: every certificate it issued before stops chaining.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -89,13 +106,29 @@ fn main() -> ExitCode {
         .init();
 
     let result = match &cli.command {
-        Some(Command::Check { path }) => return check(&cli, path.as_deref()),
+        Some(Command::Check {
+            path,
+            dispatch_config,
+        }) => return check(&cli, path.as_deref(), dispatch_config.as_deref()),
         Some(Command::Certs {
             services,
             out,
             trust_domain,
             days,
-        }) => certs(services, out, trust_domain, *days),
+            ca,
+            ca_key,
+            force,
+        }) => {
+            let source = match (ca, *force) {
+                (Some(cert), _) => sidecar::certs::CaSource::Given {
+                    key: ca_key.clone().unwrap_or_else(|| key_beside(cert)),
+                    cert: cert.clone(),
+                },
+                (None, true) => sidecar::certs::CaSource::Replace,
+                (None, false) => sidecar::certs::CaSource::Kept,
+            };
+            certs(services, out, trust_domain, *days, &source)
+        }
         Some(Command::Run) | None => run(&cli),
     };
     match result {
@@ -116,15 +149,15 @@ fn parse_on_off(text: &str) -> Result<bool, String> {
 }
 
 /// `SIDECAR_CONFIG` when set (a missing file is an error), else `./config.yaml` when it exists.
-fn dispatch_config(cli: &Cli) -> Option<PathBuf> {
-    if let Some(p) = &cli.dispatch_config {
-        return Some(p.clone());
+fn dispatch_config(cli: &Cli, given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = given.or(cli.dispatch_config.as_deref()) {
+        return Some(p.to_path_buf());
     }
     let fallback = PathBuf::from("config.yaml");
     fallback.is_file().then_some(fallback)
 }
 
-fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
+fn source(cli: &Cli, path: Option<&Path>, dispatch: Option<&Path>) -> anyhow::Result<PolicySource> {
     let mut overrides = Overrides {
         admin: cli.admin,
         workers: cli.workers,
@@ -154,13 +187,28 @@ fn source(cli: &Cli, path: Option<&Path>) -> anyhow::Result<PolicySource> {
     }
     Ok(PolicySource {
         policy: path.map(Path::to_path_buf).or_else(|| cli.policy.clone()),
-        dispatch: dispatch_config(cli),
+        dispatch: dispatch_config(cli, dispatch),
         watch: !cli.no_watch,
+        reload_debounce: None,
         overrides,
     })
 }
 
-fn certs(services: &[String], out: &Path, trust_domain: &str, days: i64) -> anyhow::Result<()> {
+/// `ca.pem` -> `ca-key.pem`: where `sidecar certs` writes a CA's key.
+fn key_beside(cert: &Path) -> PathBuf {
+    let stem = cert
+        .file_stem()
+        .map_or_else(Default::default, |s| s.to_string_lossy().into_owned());
+    cert.with_file_name(format!("{stem}-key.pem"))
+}
+
+fn certs(
+    services: &[String],
+    out: &Path,
+    trust_domain: &str,
+    days: i64,
+    source: &sidecar::certs::CaSource,
+) -> anyhow::Result<()> {
     for s in services {
         if s.is_empty()
             || !s
@@ -170,13 +218,15 @@ fn certs(services: &[String], out: &Path, trust_domain: &str, days: i64) -> anyh
             anyhow::bail!("{s:?} is not a service name (letters, digits, '-', '_' and '.')");
         }
     }
-    let written = sidecar::certs::write(out, trust_domain, services, days)?;
+    let written = sidecar::certs::write(out, trust_domain, services, days, source)?;
     println!(
-        "development mesh CA (not for production): {}",
+        "development mesh CA (not for production, {}): {}",
+        if written.new_ca { "new" } else { "kept" },
         written.ca.display()
     );
     println!(
-        "  its key (keep it to issue more): {}",
+        "  its key (keep it: a later `sidecar certs --out {}` issues from it): {}",
+        out.display(),
         written.ca_key.display()
     );
     for (service, cert, key) in &written.services {
@@ -190,8 +240,17 @@ fn certs(services: &[String], out: &Path, trust_domain: &str, days: i64) -> anyh
     Ok(())
 }
 
-fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
-    let loaded = source(cli, path).and_then(|s| s.load().map_err(|e| anyhow::anyhow!("{e}")));
+fn check(cli: &Cli, path: Option<&Path>, dispatch: Option<&Path>) -> ExitCode {
+    let loaded = source(cli, path, dispatch)
+        .and_then(|s| s.load().map_err(|e| anyhow::anyhow!("{e}")))
+        .and_then(|policy| {
+            let errors = files_named(&policy);
+            if errors.is_empty() {
+                Ok(policy)
+            } else {
+                Err(anyhow::anyhow!("{}", errors.join("\n")))
+            }
+        });
     match loaded {
         Ok(policy) => {
             println!("{}: ok", policy.source);
@@ -206,6 +265,12 @@ fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
                     endpoints.len(),
                     endpoints.join(", "),
                     sidecar::policy::duration::format(s.request_timeout)
+                );
+            }
+            if let Some(mesh) = &policy.mesh {
+                println!(
+                    "mesh: {}, certificate, key and CA ok",
+                    sidecar::certs::spiffe_id(&mesh.trust_domain, &mesh.identity)
                 );
             }
             if let Some(d) = &policy.dispatch {
@@ -225,8 +290,24 @@ fn check(cli: &Cli, path: Option<&Path>) -> ExitCode {
     }
 }
 
+/// The checks start-up makes on the files a valid policy names (the mesh certificate, key and CA; the egress
+/// roots), so that `check` passes only what start-up accepts. One message per failure.
+fn files_named(policy: &sidecar::policy::Policy) -> Vec<String> {
+    sidecar::install_crypto_provider();
+    let mut errors = Vec::new();
+    if let Some(mesh) = &policy.mesh
+        && let Err(e) = sidecar::mesh::Identity::load(mesh)
+    {
+        errors.push(format!("{e:#}"));
+    }
+    if let Err(e) = sidecar::dispatch::client::egress_tls(&policy.egress.roots) {
+        errors.push(format!("{e:#}"));
+    }
+    errors
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let source = source(cli, None)?;
+    let source = source(cli, None, None)?;
     let policy = source
         .load()
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;

@@ -3,7 +3,7 @@
 //!
 //! Owns: the tracer provider (the standard `OTEL_*` variables: endpoint, `OTEL_SERVICE_NAME`,
 //! `OTEL_TRACES_SAMPLER` and its argument), context propagation (W3C `traceparent`/`tracestate` in and out,
-//! B3 accepted in), and the export queue. Export never blocks a request: ended spans go into a bounded queue
+//! B3 accepted in, and written out again in the app's own B3 form when the app sent B3), and the export queue. Export never blocks a request: ended spans go into a bounded queue
 //! that one thread drains; when it is full they are dropped and counted in
 //! `sidecar_trace_spans_dropped_total`.
 
@@ -165,9 +165,48 @@ pub fn record_server_outcome(cx: &Context, status: StatusCode, outcome: &'static
     }
 }
 
-/// Writes `traceparent` (and `tracestate`) for the span in `cx` into an upstream request's headers.
-pub fn inject(cx: &Context, headers: &mut HeaderMap) {
+/// The span id of a client span's parent (the server span), kept in the client span's context for B3's parent
+/// field.
+#[derive(Debug, Clone, Copy)]
+pub struct ParentSpanId(pub SpanId);
+
+/// Writes `traceparent` (and `tracestate`) for the span in `cx` into `headers`, the extra headers of an upstream
+/// request whose own headers (the app's) are `app`. When the app sent B3 (`b3`, or `X-B3-TraceId`), writes it
+/// too, in the same form, naming the sidecar's span: a Zipkin-instrumented upstream then sees the sidecar's span
+/// as its parent (as behind Envoy's Zipkin tracer), not the app's, and never two disagreeing contexts.
+pub fn inject(cx: &Context, app: &HeaderMap, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeadersMut(headers));
+    let (single, multi) = (app.contains_key("b3"), app.contains_key("x-b3-traceid"));
+    if !single && !multi {
+        return;
+    }
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return;
+    }
+    let (trace, id) = (sc.trace_id().to_string(), sc.span_id().to_string());
+    let sampled = if sc.is_sampled() { "1" } else { "0" };
+    let parent = cx.get::<ParentSpanId>().map(|p| p.0.to_string());
+    let mut out = HeadersMut(headers);
+    if single {
+        let mut value = format!("{trace}-{id}-{sampled}");
+        if let Some(parent) = &parent {
+            value = format!("{value}-{parent}");
+        }
+        out.set("b3", value);
+    }
+    if multi {
+        out.set("x-b3-traceid", trace);
+        out.set("x-b3-spanid", id);
+        // Debug (`X-B3-Flags: 1`) implies sampling and is sent without `X-B3-Sampled`.
+        if !app.contains_key("x-b3-flags") {
+            out.set("x-b3-sampled", sampled.to_string());
+        }
+        if let Some(parent) = parent {
+            out.set("x-b3-parentspanid", parent);
+        }
+    }
 }
 
 /// The trace id of the span in `cx`, when there is one.

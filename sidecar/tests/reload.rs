@@ -452,3 +452,201 @@ async fn a_request_timeout_change_applies_at_once_without_a_restart() {
     );
     sidecar.stop().await;
 }
+
+/// Regression (issue 15 item 7): editors that truncate a file and then write it leave it empty for a moment; the
+/// watcher applied that empty policy, and every request to a service failed until the write (840 failures in
+/// seven edits). The empty file is now refused and the old policy keeps serving.
+#[actix_rt::test]
+async fn truncate_then_write_edits_under_steady_traffic_lose_no_request() {
+    use std::sync::atomic::AtomicBool;
+    const EDITS: usize = 7;
+    // Longer than the debounce below, as a slow editor (or a large file) would leave it.
+    const EDITOR_PAUSE: Duration = Duration::from_millis(200);
+    let (a, b) = (named("A").await, named("B").await);
+    let dir = policy_dir("truncate");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_source(sidecar::policy::store::PolicySource {
+        policy: Some(file.clone()),
+        watch: true,
+        reload_debounce: Some(Duration::from_millis(50)),
+        ..sidecar::policy::store::PolicySource::default()
+    });
+    until_served_by(&sidecar, "A").await;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (addr, done, sent) = (sidecar.addr, done.clone(), sent.clone());
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let mut failures = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                conn.send(
+                    b"GET / HTTP/1.1\r\nhost: app\r\ntarget: orders\r\ninternal: true\r\n\r\n",
+                )
+                .await;
+                let reply = conn.read(false).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if reply.status != 200 {
+                    failures.push(format!("{} {}", reply.status, reply.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failures
+        }));
+    }
+
+    let start = Instant::now();
+    for edit in 0..EDITS {
+        let (next, name) = if edit % 2 == 0 { (&b, "B") } else { (&a, "A") };
+        // Truncate, pause, write: the file is empty in between.
+        drop(std::fs::File::create(&file).unwrap());
+        tokio::time::sleep(EDITOR_PAUSE).await;
+        std::fs::write(&file, orders_policy(next)).unwrap();
+        until_served_by(&sidecar, name).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    let took = start.elapsed();
+
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!(
+        "{total} requests during {EDITS} edits in {took:?}; applied {}, rejected {}",
+        status["reloads_applied"], status["reloads_rejected"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(status["reloads_applied"], EDITS, "{status}");
+    assert!(
+        status["reloads_rejected"].as_u64().unwrap() >= 1,
+        "the empty moments were never seen: {status}"
+    );
+    assert!(status["last_error"].is_null(), "{status}");
+    assert!(took < DEADLINE, "{EDITS} edits took {took:?}");
+    sidecar.stop().await;
+}
+
+/// Regression (issue 15 item 13): `last_error` kept showing the error of a file that had since been fixed and
+/// applied, so an operator could not tell a broken file on disk from an old mistake.
+#[actix_rt::test]
+async fn last_error_clears_once_the_fixed_file_is_applied() {
+    let (a, b) = (named("A").await, named("B").await);
+    let dir = policy_dir("last-error");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+
+    std::fs::write(&file, "services:\n  orders:\n    endpoints: []\n").unwrap();
+    let (status, _) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 422);
+    let (_, policy) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert_eq!(policy["last_error"]["result"], "rejected", "{policy}");
+
+    std::fs::write(&file, orders_policy(&b)).unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    let (_, policy) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert!(policy["last_error"].is_null(), "{policy}");
+    assert_eq!(policy["reloads_rejected"], 1, "the history stays counted");
+    sidecar.stop().await;
+}
+
+/// Regression (issue 14 item 8): `POST /admin/reload` with `Origin: http://evil.example` was accepted, so any page
+/// a browser on this machine opened could make it reload (or, later, change) the sidecar.
+#[actix_rt::test]
+async fn cross_site_admin_requests_are_refused_and_local_tools_still_work() {
+    let a = named("A").await;
+    let dir = policy_dir("cross-site");
+    let file = dir.join("orders.yaml");
+    std::fs::write(&file, orders_policy(&a)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    let port = sidecar.admin.port();
+    let post = |extra: String| {
+        let admin = sidecar.admin;
+        async move {
+            request(
+                admin,
+                &format!("POST /admin/reload HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{extra}content-length: 0\r\n\r\n"),
+            )
+            .await
+        }
+    };
+
+    // What a browser sends when a page elsewhere posts to the admin listener.
+    for extra in [
+        "origin: http://evil.example\r\n".to_string(),
+        "origin: null\r\n".to_string(),
+        format!("origin: http://127.0.0.1:{}\r\n", port.wrapping_add(1)),
+        format!("origin: https://127.0.0.1:{port}\r\n"),
+        "sec-fetch-site: cross-site\r\n".to_string(),
+        "sec-fetch-site: same-site\r\n".to_string(),
+        "content-type: application/x-www-form-urlencoded\r\n".to_string(),
+        "content-type: text/plain;charset=UTF-8\r\n".to_string(),
+    ] {
+        let reply = post(extra.clone()).await;
+        assert_eq!(reply.status, 403, "{extra:?}: {}", reply.text());
+        let body = reply.json();
+        assert_eq!(body["error"], "cross-site-request", "{extra:?}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().starts_with("refused: "),
+            "{body}"
+        );
+    }
+    let (_, status) = admin_json(&sidecar, "GET", "/admin/policy").await;
+    assert!(
+        status["last_reload"].is_null(),
+        "a refused request reloaded: {status}"
+    );
+
+    // The listener's own origin, and tools that send no Origin, are served.
+    for extra in [
+        format!("origin: http://127.0.0.1:{port}\r\n"),
+        format!("origin: http://localhost:{port}\r\nsec-fetch-site: same-origin\r\n"),
+        "content-type: application/json\r\n".to_string(),
+        String::new(),
+    ] {
+        let reply = post(extra.clone()).await;
+        assert_eq!(reply.status, 200, "{extra:?}: {}", reply.text());
+    }
+    // curl, run off this thread: the policy store answering it lives here.
+    let url = format!("http://127.0.0.1:{port}/admin/reload");
+    let curl = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+            ])
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+
+    // Reads are not refused: a browser keeps a foreign page from seeing the answer anyway.
+    let read = request(
+        sidecar.admin,
+        "GET /admin/policy HTTP/1.1\r\nhost: a\r\norigin: http://evil.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(read.status, 200);
+    sidecar.stop().await;
+}

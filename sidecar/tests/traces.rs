@@ -264,3 +264,115 @@ async fn an_inbound_request_leaves_a_server_span_with_the_peer_identity_and_the_
     );
     drop(sidecar);
 }
+
+/// The string value of a span attribute.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+/// Regressions (issue 15 item 13): B3 headers from the app went upstream unchanged beside the sidecar's new
+/// `traceparent`, so a Zipkin-instrumented upstream took the app's span as its parent and two contexts
+/// disagreed; and a span's `url.full` carried the query string (tokens) to the collector while the access log
+/// leaves queries out.
+#[actix_rt::test]
+async fn b3_is_written_in_the_apps_form_and_spans_leave_the_query_out() {
+    let (collector, spans, arrived) = receiver().await;
+    let upstream = RawUpstream::ok().await;
+    let mut cmd = sidecar_bin();
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        .env_remove("SIDECAR_POLICY")
+        .env_remove("SIDECAR_CONFIG")
+        .current_dir(std::env::temp_dir());
+    let sidecar = SidecarProcess::spawn(cmd);
+
+    let (trace, app_span, app_parent) = (
+        "463ac35c9f6413ad48485a3953bb6124",
+        "a2fb4a1d1a96d312",
+        "0020000000000001",
+    );
+    let multi = get(
+        sidecar.addr,
+        "/orders/7?token=secret",
+        &[
+            ("target", &upstream.url("")),
+            ("x-b3-traceid", trace),
+            ("x-b3-spanid", app_span),
+            ("x-b3-parentspanid", app_parent),
+            ("x-b3-sampled", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(multi.status, 200);
+    let single = get(
+        sidecar.addr,
+        "/single",
+        &[
+            ("target", &upstream.url("")),
+            ("b3", &format!("{trace}-{app_span}-1")),
+        ],
+    )
+    .await;
+    assert_eq!(single.status, 200);
+
+    let seen = upstream.wait_for(2).await;
+    let traceparent_span = |r: &support::Received| {
+        let tp = r.header("traceparent").expect("traceparent sent upstream");
+        assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
+        tp.split('-').nth(2).unwrap().to_string()
+    };
+    // The multi-header form: every field names the sidecar's attempt span, whose parent is the server span.
+    let ours = traceparent_span(&seen[0]);
+    assert_eq!(seen[0].header("x-b3-traceid"), Some(trace));
+    assert_eq!(seen[0].header("x-b3-spanid"), Some(ours.as_str()));
+    assert_eq!(seen[0].header("x-b3-sampled"), Some("1"));
+    assert_eq!(
+        seen[0].all("x-b3-spanid").len(),
+        1,
+        "one value, not the app's beside ours"
+    );
+    let server_span = seen[0].header("x-b3-parentspanid").unwrap().to_string();
+    assert_ne!(server_span, app_parent);
+    assert_ne!(server_span, app_span);
+    // The single-header form.
+    let ours = traceparent_span(&seen[1]);
+    let b3 = seen[1].header("b3").unwrap();
+    assert!(b3.starts_with(&format!("{trace}-{ours}-1-")), "{b3}");
+    assert_eq!(seen[1].all("b3").len(), 1);
+
+    tokio::time::timeout(support::DEADLINE, async {
+        while spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.kind == SpanKind::Client as i32)
+            .count()
+            < 2
+        {
+            arrived.notified().await;
+        }
+    })
+    .await
+    .expect("the spans reached the collector");
+    let spans = spans.lock().unwrap().clone();
+    let server = spans
+        .iter()
+        .find(|(_, s)| s.kind == SpanKind::Server as i32 && hex(&s.span_id) == server_span)
+        .expect("the server span B3 names as parent");
+    assert_eq!(hex(&server.1.parent_span_id), app_span);
+    let urls: Vec<String> = spans
+        .iter()
+        .filter_map(|(_, s)| attribute(s, "url.full"))
+        .collect();
+    assert!(urls.contains(&upstream.url("/orders/7")), "{urls:?}");
+    assert!(urls.iter().all(|u| !u.contains("token")), "{urls:?}");
+    drop(sidecar);
+}

@@ -397,12 +397,13 @@ impl Forwarder {
                 Some(p) if p < remaining => (p, true),
                 _ => (remaining, false),
             };
-            let attempt_span = trace.map(|cx| client_span(cx, &frozen, labels.attempts));
+            let query = trace.is_some() && self.snapshot.load().access_log.query;
+            let attempt_span = trace.map(|cx| client_span(cx, &frozen, labels.attempts, query));
             let sending = match &attempt_span {
                 Some(cx) => {
                     // Each attempt is its own span: the upstream sees it as its parent.
                     let mut extra = HeaderMap::new();
-                    traces::inject(cx, &mut extra);
+                    traces::inject(cx, frozen.headers(), &mut extra);
                     body.send(frozen.extra_headers(extra))
                 }
                 None => body.send(&frozen),
@@ -551,19 +552,35 @@ impl Drop for Hold {
     }
 }
 
-/// The span of one upstream attempt, child of the server span.
-fn client_span(parent: &Context, request: &FrozenClientRequest, attempt: u32) -> Context {
+/// The span of one upstream attempt, child of the server span. Its `url.full` leaves the query out unless the
+/// access log's `query` option lets queries (which often carry tokens) leave the process.
+fn client_span(
+    parent: &Context,
+    request: &FrozenClientRequest,
+    attempt: u32,
+    query: bool,
+) -> Context {
     let Some(traces) = traces::get() else {
         return parent.clone();
     };
     let uri = request.get_uri();
+    let url = if query {
+        uri.to_string()
+    } else {
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        format!(
+            "{}://{authority}{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.path()
+        )
+    };
     let mut attributes = vec![
         KeyValue::new(
             "http.request.method",
             request.get_method().as_str().to_string(),
         ),
         KeyValue::new("server.address", uri.host().unwrap_or_default().to_string()),
-        KeyValue::new("url.full", uri.to_string()),
+        KeyValue::new("url.full", url),
     ];
     if let Some(port) = uri.port_u16() {
         attributes.push(KeyValue::new("server.port", i64::from(port)));
@@ -580,7 +597,8 @@ fn client_span(parent: &Context, request: &FrozenClientRequest, attempt: u32) ->
         .with_kind(SpanKind::Client)
         .with_attributes(attributes)
         .start_with_context(&traces.tracer, parent);
-    parent.with_span(span)
+    let parent_id = traces::ParentSpanId(parent.span().span_context().span_id());
+    parent.with_span(span).with_value(parent_id)
 }
 
 fn end_client_span(cx: &Context, result: &Result<awc::ClientResponse, ProxyError>) {

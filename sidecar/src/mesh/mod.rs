@@ -264,8 +264,12 @@ impl Worker {
             if let Some(id) = &peer.id {
                 span.set_attribute(KeyValue::new("sidecar.peer.identity", id.to_string()));
             }
-            // The app continues the trace from this span, not from the peer's.
-            traces::inject(cx, req.headers_mut());
+            // The app continues the trace from this span, not from the peer's (in B3 too, when the peer sent B3).
+            let mut extra = actix_http::header::HeaderMap::new();
+            traces::inject(cx, req.headers(), &mut extra);
+            for (name, value) in extra {
+                req.headers_mut().insert(name, value);
+            }
         }
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;

@@ -8,6 +8,7 @@
 pub mod duration;
 pub mod egress;
 pub mod locate;
+mod prescan;
 mod raw;
 pub mod resilience;
 pub mod seed;
@@ -293,6 +294,8 @@ impl Policy {
 
     /// Parses and validates one YAML document; `source` names it in every message.
     pub fn from_yaml(source: &str, text: &str) -> Result<Self, PolicyErrors> {
+        prescan::check_not_blank(source, text)?;
+        prescan::check_depth(source, text)?;
         let raw: raw::RawPolicy = yaml_serde::from_str(text).map_err(|e| yaml_error(source, &e))?;
         let sources = Sources::one(source, text);
         let mut policy = raw
@@ -318,7 +321,12 @@ impl Policy {
                     continue;
                 }
             };
-            match yaml_serde::from_str::<raw::RawPolicy>(&text) {
+            let parsed = prescan::check_not_blank(&name, &text)
+                .and_then(|()| prescan::check_depth(&name, &text))
+                .and_then(|()| {
+                    yaml_serde::from_str::<raw::RawPolicy>(&text).map_err(|e| yaml_error(&name, &e))
+                });
+            match parsed {
                 Ok(mut part) => {
                     part.set_origin(&name);
                     match merged.as_mut() {
@@ -330,7 +338,7 @@ impl Policy {
                         }
                     }
                 }
-                Err(e) => errors.extend(yaml_error(&name, &e).errors),
+                Err(e) => errors.extend(e.errors),
             }
             sources.0.push((name, text));
         }

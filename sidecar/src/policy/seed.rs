@@ -59,8 +59,8 @@ impl DispatchRules {
 
     /// Parses the seed dispatcher format.
     pub fn from_seed_yaml(source: &str, text: &str) -> Result<Self, PolicyErrors> {
-        let raw: RawDispatch =
-            yaml_serde::from_str(text).map_err(|e| super::yaml_error(source, &e))?;
+        let raw: RawDispatch = super::prescan::check_depth(source, text)
+            .and_then(|()| yaml_serde::from_str(text).map_err(|e| super::yaml_error(source, &e)))?;
         raw.validate(source, "")
             .map_err(|issues| PolicyErrors::render(issues, &Sources::one(source, text)))
     }

@@ -18,8 +18,9 @@ use serde::Serialize;
 use super::{Policy, PolicyErrors};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
-/// Events closer together than this are one change (editors write a file in several steps).
-const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Events closer together than this are one change (editors write a file in several steps): a changed file is
+/// read once it has been quiet this long. [`PolicySource::reload_debounce`] changes it.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
 /// A change is read at the latest this long after its first event, however busy the directory.
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
@@ -33,6 +34,8 @@ pub struct PolicySource {
     /// Reload when the files change (the binary does unless `--no-watch`); without it, only SIGHUP and
     /// `POST /admin/reload` reload.
     pub watch: bool,
+    /// How long the watched files must be quiet before a change is read ([`DEBOUNCE`] when `None`).
+    pub reload_debounce: Option<Duration>,
     pub overrides: Overrides,
 }
 
@@ -177,7 +180,8 @@ pub struct PolicyStatus {
     pub reloads_unchanged: u64,
     pub reloads_rejected: u64,
     pub last_reload: Option<ReloadReport>,
-    /// The most recent rejected reload, kept after later successes.
+    /// The most recent reload, when it was rejected: the files on disk are invalid and an older version serves.
+    /// Cleared by the next reload that finds them valid.
     pub last_error: Option<ReloadReport>,
     /// Settings changed in the files that the running process cannot apply without a restart.
     pub restart_required: Vec<String>,
@@ -292,9 +296,9 @@ impl PolicyStore {
             }
             Ok(policy) => self.apply(policy, trigger),
         };
-        if report.result == ReloadResult::Rejected {
-            self.status.last_error = Some(report.clone());
-        }
+        // `last_error` describes the files as they are: a later reload that reads them valid (applied, or
+        // unchanged because the bad edit was undone) clears it; the counters keep the history.
+        self.status.last_error = (report.result == ReloadResult::Rejected).then(|| report.clone());
         let result = match report.result {
             ReloadResult::Applied => "applied",
             ReloadResult::Unchanged => "unchanged",
@@ -497,7 +501,7 @@ struct FilesChanged;
 impl Handler<FilesChanged> for PolicyStore {
     type Result = ();
 
-    /// Reloads once the files have been quiet for `DEBOUNCE`, so a write in several steps (or an edit across
+    /// Reloads once the files have been quiet for the debounce ([`DEBOUNCE`] by default), so a write in several steps (or an edit across
     /// several files) is read whole; a burst longer than `MAX_DELAY` is read anyway.
     fn handle(&mut self, _: FilesChanged, ctx: &mut Self::Context) {
         let began = match self.scheduled.take() {
@@ -511,7 +515,8 @@ impl Handler<FilesChanged> for PolicyStore {
             }
             None => Instant::now(),
         };
-        let pending = ctx.run_later(DEBOUNCE, |store, _| {
+        let quiet = self.source.reload_debounce.unwrap_or(DEBOUNCE);
+        let pending = ctx.run_later(quiet, |store, _| {
             store.scheduled = None;
             store.reload("file change");
         });
