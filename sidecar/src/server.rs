@@ -128,6 +128,7 @@ impl EgressFactory {
         listener: TcpListener,
         workers: usize,
         drain_timeout: Duration,
+        head_timeout: Duration,
         upstream: UpstreamSettings,
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
@@ -147,6 +148,8 @@ impl EgressFactory {
         })
         .workers(workers)
         .keep_alive(APP_KEEP_ALIVE)
+        // Every request head, on a new connection or a reused one (our actix-http patch), must arrive in time.
+        .client_request_timeout(head_timeout)
         .tcp_nodelay(true)
         // Signals are the lifecycle task's: actix would stop at once on SIGINT.
         .disable_signals()
@@ -226,10 +229,12 @@ impl ListenerControl for Servers {
         if a.egress != b.egress
             || a.workers != b.workers
             || a.drain_timeout != b.drain_timeout
+            || a.head_timeout != b.head_timeout
             || pool_changed
         {
             let factory = self.egress_factory.clone();
             let (workers, drain, upstream) = (b.workers, b.drain_timeout, next.upstream.clone());
+            let head = b.head_timeout;
             let what = format!(
                 "egress listener restarted on {} with {} worker(s); the previous one drains",
                 b.egress, b.workers
@@ -237,7 +242,7 @@ impl ListenerControl for Servers {
             done.push(
                 self.egress
                     .replace(&self.tasks, b.egress, false, |l| {
-                        factory.build(l, workers, drain, upstream)
+                        factory.build(l, workers, drain, head, upstream)
                     })
                     .map(|()| what)
                     .map_err(|e| {
@@ -314,14 +319,15 @@ pub fn start(
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
         identity: identity.clone(),
     };
-    let (workers, drain_timeout, upstream) = (
+    let (workers, drain_timeout, head_timeout, upstream) = (
         policy.listeners.workers,
         policy.listeners.drain_timeout,
+        policy.listeners.head_timeout,
         policy.upstream.clone(),
     );
     let factory = egress_factory.clone();
     let egress = Slot::start(&tasks, listeners.egress, false, |l| {
-        factory.build(l, workers, drain_timeout, upstream)
+        factory.build(l, workers, drain_timeout, head_timeout, upstream)
     })?;
 
     // The admin routes talk to the store, and the store controls the admin listener: give the store its

@@ -45,7 +45,7 @@ const WRITE_BUFFER_RETENTION_LIMIT: usize = 1024 * 128;
 
 bitflags! {
     #[derive(Debug, Clone, Copy)]
-    pub struct Flags: u8 {
+    pub struct Flags: u16 {
         /// Set when stream is read for first time.
         const STARTED          = 0b0000_0001;
 
@@ -74,6 +74,11 @@ bitflags! {
         /// after the current response finishes. [`LINGER`](Self::LINGER) remains separate and is
         /// used only to close cleanly after a response to an unread request payload.
         const DRAINING         = 0b1000_0000;
+
+        /// Set once a request that ends the connection (`Connection: close`, or HTTP/1.0 without
+        /// keep-alive) has been read. Bytes after it are discarded, never decoded as requests
+        /// (RFC 9112 §9.3, §9.6).
+        const LAST_REQUEST     = 0b1_0000_0000;
     }
 }
 
@@ -927,14 +932,26 @@ where
 
         // decode from read buf as many full requests as possible
         loop {
+            // nothing after a request that ends the connection is a request; its payload is
+            // still read
+            if this.flags.contains(Flags::LAST_REQUEST) && this.payload.is_none() {
+                this.read_buf.clear();
+                break;
+            }
+
             match this.codec.decode(this.read_buf) {
                 Ok(Some(msg)) => {
                     updated = true;
 
                     match msg {
                         Message::Item(mut req) => {
-                            // head timer only applies to first request on connection
+                            // this request's head is complete
                             this.head_timer.clear(line!());
+
+                            // (an upgrade hands the rest of the stream to its handler instead)
+                            if !this.codec.keep_alive() && !this.codec.upgrade() {
+                                this.flags.insert(Flags::LAST_REQUEST);
+                            }
 
                             req.head_mut().peer_addr = *this.peer_addr;
 
@@ -1480,6 +1497,31 @@ where
                         // disconnect if shutdown
                         if inner_p.flags.contains(Flags::SHUTDOWN) {
                             return self.poll(cx);
+                        }
+                    }
+
+                    // Part of a later request's head is buffered while no request is in hand: that
+                    // head gets the same deadline as the first one, counted from now (its first
+                    // byte, or the end of the previous response if it came earlier).
+                    if matches!(inner_p.head_timer, TimerState::Inactive)
+                        && state_is_none
+                        && inner_p.messages.is_empty()
+                        && inner_p.payload.is_none()
+                        && !inner_p.read_buf.is_empty()
+                        && !inner_p.flags.intersects(
+                            Flags::SHUTDOWN
+                                | Flags::LINGER
+                                | Flags::READ_DISCONNECT
+                                | Flags::DRAINING
+                                | Flags::LAST_REQUEST,
+                        )
+                    {
+                        if let Some(deadline) = inner_p.config.client_request_deadline() {
+                            inner_p.head_timer.set_and_init(
+                                cx,
+                                sleep_until(deadline.into()),
+                                line!(),
+                            );
                         }
                     }
 
