@@ -1,20 +1,21 @@
 //! Listeners: the egress listener that apps call on `localhost:5000`, and the admin listener.
 //!
 //! Owns: building the actix-web servers (one [`Forwarder`], and so one upstream client, per egress worker),
-//! starting the policy store, SIGHUP, and replacing a listener's server when a reload changes its address,
-//! its worker count or its upstream pool settings: the new server starts first, the old one drains, and the
-//! other listener's connections are never touched. Does not own: what a request does (see
+//! starting the policy store, SIGHUP, and replacing a listener's server when a reload changes its address or
+//! its worker count: the new server starts first, the old one drains (see [`Slot::replace`]), and the other
+//! listener's connections are never touched. A change of upstream pool settings needs no new server: each
+//! worker's forwarder rebuilds its client. Does not own: what a request does (see
 //! [`crate::dispatch`]). Called by `main.rs` and by the tests, which hand it pre-bound listeners.
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::{AsyncContext, Context};
-use actix_http::Request;
+use actix_http::{ConnectionType, Request};
 use actix_rt::task::JoinHandle;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
@@ -22,7 +23,7 @@ use actix_web::dev::{Server, ServerHandle};
 use crate::admin::Draining;
 use crate::dispatch::{client, forward::Forwarder};
 use crate::policy::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
-use crate::policy::{Policy, UpstreamSettings};
+use crate::policy::{Listeners as ListenerSettings, Policy};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// How long the egress listener keeps an idle app connection: longer than common client pool idle timeouts
@@ -114,7 +115,7 @@ async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) 
     }
 }
 
-/// Builds egress servers: the same snapshot and TLS settings, the worker count and pool settings of a policy.
+/// Builds egress servers: the same snapshot and TLS settings, the listener settings of a policy.
 #[derive(Clone)]
 struct EgressFactory {
     snapshot: SharedSnapshot,
@@ -123,13 +124,12 @@ struct EgressFactory {
 }
 
 impl EgressFactory {
+    /// Once `closing` is set, every response says `Connection: close` (the server is being replaced).
     fn build(
         &self,
         listener: TcpListener,
-        workers: usize,
-        drain_timeout: Duration,
-        head_timeout: Duration,
-        upstream: UpstreamSettings,
+        settings: &ListenerSettings,
+        closing: Arc<AtomicBool>,
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let identity = self.identity.clone();
@@ -137,23 +137,30 @@ impl EgressFactory {
             // Runs once per worker thread: the awc client is !Send and lives with its worker.
             let forwarder = Rc::new(Forwarder::new(
                 snapshot.clone(),
-                client::build(&upstream, tls.clone()),
-                upstream.clone(),
+                tls.clone(),
                 identity.clone(),
             ));
+            let closing = closing.clone();
             actix_service::fn_service(move |req: Request| {
                 let forwarder = Rc::clone(&forwarder);
-                async move { Ok::<_, actix_web::Error>(forwarder.handle(req).await) }
+                let closing = closing.clone();
+                async move {
+                    let mut res = forwarder.handle(req).await;
+                    if closing.load(Ordering::Relaxed) {
+                        res.head_mut().set_connection_type(ConnectionType::Close);
+                    }
+                    Ok::<_, actix_web::Error>(res)
+                }
             })
         })
-        .workers(workers)
+        .workers(settings.workers)
         .keep_alive(APP_KEEP_ALIVE)
         // Every request head, on a new connection or a reused one (our actix-http patch), must arrive in time.
-        .client_request_timeout(head_timeout)
+        .client_request_timeout(settings.head_timeout)
         .tcp_nodelay(true)
         // Signals are the lifecycle task's: actix would stop at once on SIGINT.
         .disable_signals()
-        .shutdown_timeout(drain_timeout.as_secs().max(1))
+        .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
         .listen(listener)?;
         Ok(server.run())
     }
@@ -165,6 +172,9 @@ struct Slot {
     socket: TcpListener,
     id: u64,
     handle: ServerHandle,
+    /// For a server whose responses can be marked `Connection: close` while it is replaced, the flag that
+    /// does it and how long its idle connections are kept once it is set.
+    closing: Option<(Arc<AtomicBool>, Duration)>,
 }
 
 impl Slot {
@@ -182,10 +192,16 @@ impl Slot {
             socket,
             id,
             handle,
+            closing: None,
         })
     }
 
-    /// Starts `build` on `addr` (the same socket when the address is unchanged), then drains the old server.
+    /// Starts `build` on `addr` (the same socket when the address is unchanged), then drains the old server:
+    /// it stops accepting at once, and on a moved address its socket closes, so connections there are refused
+    /// rather than accepted and reset. With a closing flag, it then answers the requests still sent on its
+    /// connections with `Connection: close` for the grace, so a client learns to leave each connection with a
+    /// response rather than a reset; only then are the connections that stayed idle closed, and the requests in
+    /// flight finish within the drain timeout.
     fn replace(
         &mut self,
         tasks: &Rc<RefCell<Tasks>>,
@@ -193,20 +209,58 @@ impl Slot {
         admin: bool,
         build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
     ) -> std::io::Result<()> {
+        self.replace_with(tasks, addr, |l| Self::start(tasks, l, admin, build))
+    }
+
+    /// As [`Slot::replace`], with the new slot started by `start`.
+    fn replace_with(
+        &mut self,
+        tasks: &Rc<RefCell<Tasks>>,
+        addr: SocketAddr,
+        start: impl FnOnce(TcpListener) -> std::io::Result<Self>,
+    ) -> std::io::Result<()> {
         let listener = if addr == self.addr {
             self.socket.try_clone()?
         } else {
             TcpListener::bind(addr)?
         };
-        let next = Self::start(tasks, listener, admin, build)?;
+        let next = start(listener)?;
         let old = std::mem::replace(self, next);
         tasks
             .borrow_mut()
             .handles
             .retain(|(id, _, _)| *id != old.id);
-        // The old server stops accepting at once and finishes what it has; nothing waits for it here.
-        actix_rt::spawn(async move { old.handle.stop(true).await });
+        let moved = old.addr != addr;
+        // Nothing waits for the old server here.
+        actix_rt::spawn(async move {
+            old.handle.pause().await;
+            if moved
+                && let Err(e) =
+                    socket2::SockRef::from(&old.socket).shutdown(std::net::Shutdown::Both)
+            {
+                tracing::warn!(addr = %old.addr, error = %e, "could not close the old listening socket; it closes when the old server stops");
+            }
+            if let Some((closing, grace)) = &old.closing {
+                closing.store(true, Ordering::Relaxed);
+                actix_rt::time::sleep(*grace).await;
+            }
+            old.handle.stop(true).await;
+        });
         Ok(())
+    }
+
+    /// Starts the egress server of `settings` on `listener`.
+    fn egress(
+        tasks: &Rc<RefCell<Tasks>>,
+        factory: &EgressFactory,
+        listener: TcpListener,
+        settings: &ListenerSettings,
+    ) -> std::io::Result<Self> {
+        let closing = Arc::new(AtomicBool::new(false));
+        let flag = closing.clone();
+        let mut slot = Self::start(tasks, listener, false, |l| factory.build(l, settings, flag))?;
+        slot.closing = Some((closing, settings.drain_timeout));
+        Ok(slot)
     }
 }
 
@@ -223,26 +277,21 @@ impl ListenerControl for Servers {
     fn apply(&mut self, running: &Policy, next: &Policy) -> Vec<Result<String, String>> {
         let mut done = Vec::new();
         let (a, b) = (&running.listeners, &next.listeners);
-        let pool_changed = running.upstream.timeouts.connect != next.upstream.timeouts.connect
-            || running.upstream.idle_timeout != next.upstream.idle_timeout
-            || running.upstream.max_connections != next.upstream.max_connections;
+        // Upstream pool settings need no new server: the workers' forwarders follow the snapshot.
         if a.egress != b.egress
             || a.workers != b.workers
             || a.drain_timeout != b.drain_timeout
             || a.head_timeout != b.head_timeout
-            || pool_changed
         {
             let factory = self.egress_factory.clone();
-            let (workers, drain, upstream) = (b.workers, b.drain_timeout, next.upstream.clone());
-            let head = b.head_timeout;
             let what = format!(
                 "egress listener restarted on {} with {} worker(s); the previous one drains",
                 b.egress, b.workers
             );
             done.push(
                 self.egress
-                    .replace(&self.tasks, b.egress, false, |l| {
-                        factory.build(l, workers, drain, head, upstream)
+                    .replace_with(&self.tasks, b.egress, |l| {
+                        Slot::egress(&self.tasks, &factory, l, b)
                     })
                     .map(|()| what)
                     .map_err(|e| {
@@ -319,16 +368,7 @@ pub fn start(
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
         identity: identity.clone(),
     };
-    let (workers, drain_timeout, head_timeout, upstream) = (
-        policy.listeners.workers,
-        policy.listeners.drain_timeout,
-        policy.listeners.head_timeout,
-        policy.upstream.clone(),
-    );
-    let factory = egress_factory.clone();
-    let egress = Slot::start(&tasks, listeners.egress, false, |l| {
-        factory.build(l, workers, drain_timeout, head_timeout, upstream)
-    })?;
+    let egress = Slot::egress(&tasks, &egress_factory, listeners.egress, &policy.listeners)?;
 
     // The admin routes talk to the store, and the store controls the admin listener: give the store its
     // address before it runs.
