@@ -601,7 +601,7 @@ async fn a_worker_count_change_under_keep_alive_traffic_loses_nothing_for_a_clie
     let file = dir.join("p.yaml");
     let listeners = |workers: usize| {
         format!(
-            "listeners:\n  workers: {workers}\n  drain_timeout: 300ms\n{}",
+            "listeners:\n  workers: {workers}\n  drain_timeout: 1s\n{}",
             orders_policy(&a)
         )
     };
@@ -609,6 +609,11 @@ async fn a_worker_count_change_under_keep_alive_traffic_loses_nothing_for_a_clie
     let sidecar = Sidecar::start_path(&file);
     let traffic = Steady::awc(sidecar.addr, 4);
     traffic.answered(100).await;
+    // And a connection that is idle when the reload comes: the old server must not close it under the app.
+    let mut idle = Conn::open(sidecar.addr).await;
+    let call = b"GET / HTTP/1.1\r\nhost: x\r\ntarget: orders\r\ninternal: true\r\n\r\n";
+    idle.send(call).await;
+    assert_eq!(idle.read(false).await.header("connection"), None);
 
     std::fs::write(&file, listeners(2)).unwrap();
     let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
@@ -620,9 +625,16 @@ async fn a_worker_count_change_under_keep_alive_traffic_loses_nothing_for_a_clie
             .starts_with("egress listener restarted"),
         "{report}"
     );
-    // Past the old server's grace, so its idle connections have been closed under the traffic.
     let reloaded = Instant::now();
-    while reloaded.elapsed() < Duration::from_millis(600) {
+    // The idle connection's next request, a moment later, is answered, and told to leave.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    idle.send(call).await;
+    let last = idle.read(false).await;
+    assert_eq!(last.status, 200, "{}", last.head);
+    assert_eq!(last.header("connection"), Some("close"), "{}", last.head);
+    assert!(idle.closed().await);
+    // Past the old server's grace (drain_timeout), so its idle connections have been closed under the traffic.
+    while reloaded.elapsed() < Duration::from_millis(1200) {
         traffic.answered(10).await;
     }
     traffic.answered(100).await;
