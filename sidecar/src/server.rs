@@ -2,23 +2,24 @@
 //! inbound listener.
 //!
 //! Owns: building the actix-web servers (one [`Forwarder`], and so one upstream client, per egress worker),
-//! starting the policy store, SIGHUP, and replacing a listener's server when a reload changes its address,
-//! its worker count or its upstream pool settings: the new server starts first, the old one drains, and the
-//! other listener's connections are never touched. For the mesh, a reload's new certificate files are read
-//! and checked before anything changes (a bad set rejects the reload), the inbound settings (app, timeout,
-//! authorization, limits) are swapped without a new listener, and a new address or TLS versions restart the
-//! inbound listener. Does not own: what a request does (see
+//! starting the policy store, SIGHUP, and replacing a listener's server when a reload changes its address or
+//! its worker count: the new server starts first, the old one drains (see [`Slot::stop`]), and the other
+//! listener's connections are never touched. A change of upstream pool settings needs no new server: each
+//! worker's forwarder rebuilds its client. For the mesh, a reload's new certificate files are read and checked
+//! before anything changes (a bad set rejects the reload), the inbound settings (app, timeout, authorization,
+//! limits) are swapped without a new listener, and a new address or TLS versions restart the inbound
+//! listener. Does not own: what a request does (see
 //! [`crate::dispatch`]). Called by `main.rs` and by the tests, which hand it pre-bound listeners.
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::{AsyncContext, Context};
-use actix_http::Request;
+use actix_http::{ConnectionType, Request};
 use actix_rt::task::JoinHandle;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
@@ -27,7 +28,7 @@ use crate::admin::Draining;
 use crate::dispatch::{client, forward::Forwarder};
 use crate::mesh::{Identity, Prepared, Settings, SharedSettings};
 use crate::policy::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
-use crate::policy::{Inbound, Mesh, Policy, UpstreamSettings};
+use crate::policy::{Inbound, Listeners as ListenerSettings, Mesh, Policy, UpstreamSettings};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// How long the egress listener keeps an idle app connection: longer than common client pool idle timeouts
@@ -119,7 +120,7 @@ async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) 
     }
 }
 
-/// Builds egress servers: the same snapshot and TLS settings, the worker count and pool settings of a policy.
+/// Builds egress servers: the same snapshot and TLS settings, the listener settings of a policy.
 #[derive(Clone)]
 struct EgressFactory {
     snapshot: SharedSnapshot,
@@ -128,12 +129,12 @@ struct EgressFactory {
 }
 
 impl EgressFactory {
+    /// Once `closing` is set, every response says `Connection: close` (the server is being replaced).
     fn build(
         &self,
         listener: TcpListener,
-        workers: usize,
-        drain_timeout: Duration,
-        upstream: UpstreamSettings,
+        settings: &ListenerSettings,
+        closing: Arc<AtomicBool>,
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let identity = self.identity.clone();
@@ -141,21 +142,30 @@ impl EgressFactory {
             // Runs once per worker thread: the awc client is !Send and lives with its worker.
             let forwarder = Rc::new(Forwarder::new(
                 snapshot.clone(),
-                client::build(&upstream, tls.clone()),
-                upstream.clone(),
+                tls.clone(),
                 identity.clone(),
             ));
+            let closing = closing.clone();
             actix_service::fn_service(move |req: Request| {
                 let forwarder = Rc::clone(&forwarder);
-                async move { Ok::<_, actix_web::Error>(forwarder.handle(req).await) }
+                let closing = closing.clone();
+                async move {
+                    let mut res = forwarder.handle(req).await;
+                    if closing.load(Ordering::Relaxed) {
+                        res.head_mut().set_connection_type(ConnectionType::Close);
+                    }
+                    Ok::<_, actix_web::Error>(res)
+                }
             })
         })
-        .workers(workers)
+        .workers(settings.workers)
         .keep_alive(APP_KEEP_ALIVE)
+        // Every request head, on a new connection or a reused one (our actix-http patch), must arrive in time.
+        .client_request_timeout(settings.head_timeout)
         .tcp_nodelay(true)
         // Signals are the lifecycle task's: actix would stop at once on SIGINT.
         .disable_signals()
-        .shutdown_timeout(drain_timeout.as_secs().max(1))
+        .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
         .listen(listener)?;
         Ok(server.run())
     }
@@ -167,6 +177,9 @@ struct Slot {
     socket: TcpListener,
     id: u64,
     handle: ServerHandle,
+    /// For a server whose responses can be marked `Connection: close` while it is replaced, the flag that
+    /// does it and how long its idle connections are kept once it is set.
+    closing: Option<(Arc<AtomicBool>, Duration)>,
 }
 
 /// A server built on its listener but not running yet (a `Server` does nothing until it is spawned).
@@ -174,6 +187,8 @@ struct Built {
     addr: SocketAddr,
     socket: TcpListener,
     server: Server,
+    /// As [`Slot::closing`].
+    closing: Option<(Arc<AtomicBool>, Duration)>,
 }
 
 impl Built {
@@ -187,7 +202,22 @@ impl Built {
             addr,
             socket,
             server: build(listener)?,
+            closing: None,
         })
+    }
+
+    /// The egress server of `settings` on `listener`, whose responses say `Connection: close` once it is
+    /// being replaced.
+    fn egress(
+        factory: &EgressFactory,
+        listener: TcpListener,
+        settings: &ListenerSettings,
+    ) -> std::io::Result<Self> {
+        let closing = Arc::new(AtomicBool::new(false));
+        let flag = closing.clone();
+        let mut built = Self::new(listener, |l| factory.build(l, settings, flag))?;
+        built.closing = Some((closing, settings.drain_timeout));
+        Ok(built)
     }
 
     fn spawn(self, tasks: &Rc<RefCell<Tasks>>, admin: bool) -> Slot {
@@ -197,6 +227,7 @@ impl Built {
             socket: self.socket,
             id,
             handle,
+            closing: self.closing,
         }
     }
 }
@@ -211,18 +242,43 @@ impl Slot {
         Ok(Built::new(listener, build)?.spawn(tasks, admin))
     }
 
-    /// Stops accepting at once (the socket closes, so new connections are refused) and lets the server finish
-    /// what it has.
-    fn stop(self, tasks: &Rc<RefCell<Tasks>>) {
+    /// Stops the server: it stops accepting at once and, unless a successor serves on the same socket
+    /// (`kept`), its socket is shut, so connections there are refused rather than accepted and reset. With a
+    /// closing flag, it then answers the requests still sent on its connections with `Connection: close` for
+    /// the grace, so a client learns to leave each connection with a response rather than a reset; only then
+    /// are the connections that stayed idle closed, and the requests in flight finish within the drain
+    /// timeout. Nothing waits for it here.
+    fn stop(self, tasks: &Rc<RefCell<Tasks>>, kept: bool) {
         let Self {
-            socket, id, handle, ..
+            addr,
+            socket,
+            id,
+            handle,
+            closing,
         } = self;
-        drop(socket);
         tasks.borrow_mut().handles.retain(|(i, _, _)| *i != id);
-        actix_rt::spawn(async move { handle.stop(true).await });
+        actix_rt::spawn(async move {
+            handle.pause().await;
+            if !kept
+                && let Err(e) = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Both)
+            {
+                tracing::warn!(%addr, error = %e, "could not close the old listening socket; it closes when the old server stops");
+            }
+            drop(socket);
+            if let Some((closing, grace)) = &closing {
+                closing.store(true, Ordering::Relaxed);
+                actix_rt::time::sleep(*grace).await;
+            }
+            handle.stop(true).await;
+        });
     }
 
-    /// Starts `build` on `addr` (the same socket when the address is unchanged), then drains the old server.
+    /// Starts `build` on `addr` (the same socket when the address is unchanged), then drains the old server:
+    /// it stops accepting at once, and on a moved address its socket closes, so connections there are refused
+    /// rather than accepted and reset. With a closing flag, it then answers the requests still sent on its
+    /// connections with `Connection: close` for the grace, so a client learns to leave each connection with a
+    /// response rather than a reset; only then are the connections that stayed idle closed, and the requests in
+    /// flight finish within the drain timeout.
     fn replace(
         &mut self,
         tasks: &Rc<RefCell<Tasks>>,
@@ -230,15 +286,35 @@ impl Slot {
         admin: bool,
         build: impl FnOnce(TcpListener) -> std::io::Result<Server>,
     ) -> std::io::Result<()> {
+        self.replace_with(tasks, addr, |l| Self::start(tasks, l, admin, build))
+    }
+
+    /// As [`Slot::replace`], with the new slot started by `start`.
+    fn replace_with(
+        &mut self,
+        tasks: &Rc<RefCell<Tasks>>,
+        addr: SocketAddr,
+        start: impl FnOnce(TcpListener) -> std::io::Result<Self>,
+    ) -> std::io::Result<()> {
         let listener = if addr == self.addr {
             self.socket.try_clone()?
         } else {
             TcpListener::bind(addr)?
         };
-        let next = Self::start(tasks, listener, admin, build)?;
-        // The old server stops accepting at once and finishes what it has; nothing waits for it here.
-        std::mem::replace(self, next).stop(tasks);
+        let next = start(listener)?;
+        let moved = self.addr != addr;
+        std::mem::replace(self, next).stop(tasks, !moved);
         Ok(())
+    }
+
+    /// Starts the egress server of `settings` on `listener`.
+    fn egress(
+        tasks: &Rc<RefCell<Tasks>>,
+        factory: &EgressFactory,
+        listener: TcpListener,
+        settings: &ListenerSettings,
+    ) -> std::io::Result<Self> {
+        Ok(Built::egress(factory, listener, settings)?.spawn(tasks, false))
     }
 }
 
@@ -323,7 +399,7 @@ impl MeshState {
         let Some(mesh) = &next.mesh else {
             if let Some(slot) = self.inbound.take() {
                 let addr = slot.addr;
-                slot.stop(tasks);
+                slot.stop(tasks, false);
                 done.push(Ok(format!(
                     "mesh inbound listener on {addr} stopped: the policy has no mesh section \
                      (the certificates stay loaded until a restart)"
@@ -364,7 +440,7 @@ impl MeshState {
             (None, Some(_)) => {
                 if let Some(slot) = self.inbound.take() {
                     let addr = slot.addr;
-                    slot.stop(tasks);
+                    slot.stop(tasks, false);
                     done.push(Ok(format!(
                         "mesh inbound listener on {addr} stopped: the policy has no mesh.inbound"
                     )));
@@ -469,24 +545,21 @@ impl ListenerControl for Servers {
     fn apply(&mut self, running: &Policy, next: &Policy) -> Vec<Result<String, String>> {
         let mut done = Vec::new();
         let (a, b) = (&running.listeners, &next.listeners);
-        let pool_changed = running.upstream.timeouts.connect != next.upstream.timeouts.connect
-            || running.upstream.idle_timeout != next.upstream.idle_timeout
-            || running.upstream.max_connections != next.upstream.max_connections;
+        // Upstream pool settings need no new server: the workers' forwarders follow the snapshot.
         if a.egress != b.egress
             || a.workers != b.workers
             || a.drain_timeout != b.drain_timeout
-            || pool_changed
+            || a.head_timeout != b.head_timeout
         {
             let factory = self.egress_factory.clone();
-            let (workers, drain, upstream) = (b.workers, b.drain_timeout, next.upstream.clone());
             let what = format!(
                 "egress listener restarted on {} with {} worker(s); the previous one drains",
                 b.egress, b.workers
             );
             done.push(
                 self.egress
-                    .replace(&self.tasks, b.egress, false, |l| {
-                        factory.build(l, workers, drain, upstream)
+                    .replace_with(&self.tasks, b.egress, |l| {
+                        Slot::egress(&self.tasks, &factory, l, b)
                     })
                     .map(|()| what)
                     .map_err(|e| {
@@ -576,15 +649,7 @@ pub fn start(
         tls,
         identity: identity.clone(),
     };
-    let (workers, drain_timeout, upstream) = (
-        policy.listeners.workers,
-        policy.listeners.drain_timeout,
-        policy.upstream.clone(),
-    );
-    let factory = egress_factory.clone();
-    let egress = Built::new(listeners.egress, |l| {
-        factory.build(l, workers, drain_timeout, upstream)
-    })?;
+    let egress = Built::egress(&egress_factory, listeners.egress, &policy.listeners)?;
 
     // The admin routes talk to the store, and the store controls the admin listener: give the store its
     // address before it runs.

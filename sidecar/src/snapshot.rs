@@ -18,7 +18,7 @@ use crate::access_log::AccessLogPolicy;
 use crate::balance::{Clock, Load, Ring, load_bound};
 use crate::dispatch::target::Upstream;
 use crate::policy::resilience::BalancerKind;
-use crate::policy::{DispatchRules, Policy, ServicePolicy};
+use crate::policy::{DispatchRules, Policy, ServicePolicy, UpstreamSettings};
 use crate::resilience::breaker::{Breaker, Ejections};
 use crate::resilience::monitor::{Kind, Scope};
 use crate::resilience::retry::random_below;
@@ -50,6 +50,12 @@ pub struct Snapshot {
     pub mesh: Option<Arc<crate::policy::Mesh>>,
     /// `egress.allow`: when set, the hosts URL targets may name.
     pub egress_allow: Option<Arc<crate::policy::AllowList>>,
+    /// The settings the workers' upstream clients are built with; only the pool's are read (connect timeout,
+    /// idle timeout, connection limit).
+    pub pool: Arc<UpstreamSettings>,
+    /// Changes exactly when the pool settings do: a worker whose client was built for another generation
+    /// builds a new one (one integer compare per request), so a pool change needs no new listener.
+    pub pool_generation: u64,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -384,6 +390,13 @@ impl Snapshot {
                 (Box::from(name.as_str()), service)
             })
             .collect();
+        let (pool, pool_generation) = match previous {
+            Some(p) if same_pool(&p.pool, &policy.upstream) => (p.pool.clone(), p.pool_generation),
+            _ => (
+                Arc::new(policy.upstream.clone()),
+                previous.map_or(1, |p| p.pool_generation + 1),
+            ),
+        };
         let resilience = &policy.upstream.resilience;
         let authorities = |previous: Option<&Arc<Authorities>>, label| {
             previous
@@ -403,6 +416,8 @@ impl Snapshot {
             request_timeout: policy.upstream.timeouts.request,
             max_header_size: policy.listeners.max_header_size,
             access_log: policy.access_log,
+            pool,
+            pool_generation,
         }
     }
 
@@ -413,6 +428,13 @@ impl Snapshot {
     pub fn shared(policy: &Policy) -> SharedSnapshot {
         Arc::new(ArcSwap::from_pointee(Self::from_policy(policy)))
     }
+}
+
+/// Whether two settings build the same upstream client.
+fn same_pool(a: &UpstreamSettings, b: &UpstreamSettings) -> bool {
+    a.timeouts.connect == b.timeouts.connect
+        && a.idle_timeout == b.idle_timeout
+        && a.max_connections == b.max_connections
 }
 
 #[cfg(test)]

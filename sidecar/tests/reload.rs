@@ -265,6 +265,21 @@ async fn a_moved_egress_listener_serves_at_once_and_lets_requests_in_flight_fini
     )
     .await;
     assert_eq!(moved.text(), "A");
+    // The old address refuses new connections at once, though the old server still has a request to finish:
+    // a client fails over from a refusal faster than from a connection accepted and then reset.
+    let start = Instant::now();
+    loop {
+        match tokio::net::TcpStream::connect(egress_addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "the old egress address still accepts connections"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
     release.notify_one();
     let finished = in_flight.await.unwrap();
     assert_eq!(finished.status, 200);
@@ -648,5 +663,179 @@ async fn cross_site_admin_requests_are_refused_and_local_tools_still_work() {
     )
     .await;
     assert_eq!(read.status, 200);
+    sidecar.stop().await;
+}
+
+/// Clients that each send requests one after another on their own keep-alive connection until `stop`; each
+/// returns how many it sent, or panics on the first request that was not answered 200.
+struct Steady {
+    sent: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl Steady {
+    /// Raw clients that never reconnect: a connection closed under them is a lost request.
+    fn raw(addr: std::net::SocketAddr, n: usize) -> Self {
+        Self::start(n, move |sent, stop| async move {
+            let mut conn = Conn::open(addr).await;
+            let mut mine = 0;
+            while !stop.load(Ordering::Relaxed) {
+                conn.send(b"GET / HTTP/1.1\r\nhost: x\r\ntarget: orders\r\ninternal: true\r\n\r\n")
+                    .await;
+                let reply = conn.read(false).await;
+                assert_eq!(reply.status, 200, "{}", reply.head);
+                assert_eq!(reply.header("connection"), None, "{}", reply.head);
+                mine += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            mine
+        })
+    }
+
+    /// awc clients: pooled keep-alive connections, left when a response says `Connection: close`.
+    fn awc(addr: std::net::SocketAddr, n: usize) -> Self {
+        Self::start(n, move |sent, stop| async move {
+            let client = awc::Client::default();
+            let mut mine = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut res = client
+                    .get(format!("http://{addr}/"))
+                    .insert_header(("target", "orders"))
+                    .insert_header(("internal", "true"))
+                    .send()
+                    .await
+                    .expect("every request is answered");
+                assert_eq!(res.status(), 200);
+                assert_eq!(res.body().await.expect("the whole body").as_ref(), b"A");
+                mine += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            mine
+        })
+    }
+
+    fn start<F, Fut>(n: usize, client: F) -> Self
+    where
+        F: Fn(Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>) -> Fut,
+        Fut: std::future::Future<Output = usize> + 'static,
+    {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..n)
+            .map(|_| actix_rt::spawn(client(sent.clone(), stop.clone())))
+            .collect();
+        Self {
+            sent,
+            stop,
+            clients,
+        }
+    }
+
+    /// Waits until `more` requests have been answered since the call.
+    async fn answered(&self, more: usize) {
+        let goal = self.sent.load(Ordering::Relaxed) + more;
+        let start = Instant::now();
+        while self.sent.load(Ordering::Relaxed) < goal {
+            assert!(
+                self.clients.iter().all(|c| !c.is_finished()),
+                "a client failed"
+            );
+            assert!(start.elapsed() < DEADLINE, "the traffic stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the clients; every one of them must have had every request answered.
+    async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for client in self.clients {
+            total += client.await.expect("no request was lost");
+        }
+        total
+    }
+}
+
+#[actix_rt::test]
+async fn a_pool_change_under_keep_alive_traffic_loses_nothing_and_needs_no_new_listener() {
+    let a = named("A").await;
+    let dir = policy_dir("pool-change");
+    let file = dir.join("p.yaml");
+    let pool = |idle: &str| {
+        format!(
+            "defaults:\n  pool:\n    idle_timeout: {idle}\n{}",
+            orders_policy(&a)
+        )
+    };
+    std::fs::write(&file, pool("4s")).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    let traffic = Steady::raw(sidecar.addr, 4);
+    traffic.answered(100).await;
+    let upstream_connections = a.connections();
+
+    std::fs::write(&file, pool("3s")).unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["listener_changes"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    traffic.answered(200).await;
+    assert!(traffic.finish().await >= 300);
+    assert!(
+        a.connections() > upstream_connections,
+        "the workers kept the client of the old pool settings"
+    );
+    sidecar.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_worker_count_change_under_keep_alive_traffic_loses_nothing_for_a_client_that_honours_close()
+ {
+    let a = named("A").await;
+    let dir = policy_dir("workers-change");
+    let file = dir.join("p.yaml");
+    let listeners = |workers: usize| {
+        format!(
+            "listeners:\n  workers: {workers}\n  drain_timeout: 1s\n{}",
+            orders_policy(&a)
+        )
+    };
+    std::fs::write(&file, listeners(1)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    let traffic = Steady::awc(sidecar.addr, 4);
+    traffic.answered(100).await;
+    // And a connection that is idle when the reload comes: the old server must not close it under the app.
+    let mut idle = Conn::open(sidecar.addr).await;
+    let call = b"GET / HTTP/1.1\r\nhost: x\r\ntarget: orders\r\ninternal: true\r\n\r\n";
+    idle.send(call).await;
+    assert_eq!(idle.read(false).await.header("connection"), None);
+
+    std::fs::write(&file, listeners(2)).unwrap();
+    let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report["listener_changes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("egress listener restarted"),
+        "{report}"
+    );
+    let reloaded = Instant::now();
+    // The idle connection's next request, a moment later, is answered, and told to leave.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    idle.send(call).await;
+    let last = idle.read(false).await;
+    assert_eq!(last.status, 200, "{}", last.head);
+    assert_eq!(last.header("connection"), Some("close"), "{}", last.head);
+    assert!(idle.closed().await);
+    // Past the old server's grace (drain_timeout), so its idle connections have been closed under the traffic.
+    while reloaded.elapsed() < Duration::from_millis(1200) {
+        traffic.answered(10).await;
+    }
+    traffic.answered(100).await;
+    assert!(traffic.finish().await >= 200);
     sidecar.stop().await;
 }

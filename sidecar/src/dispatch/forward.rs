@@ -74,9 +74,13 @@ pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// One worker's forwarder: the shared snapshot and the worker's own upstream client.
 pub struct Forwarder {
     snapshot: SharedSnapshot,
-    client: awc::Client,
-    /// Pool settings, for the mesh clients built on first use.
-    settings: crate::policy::UpstreamSettings,
+    /// TLS settings of the shared client, kept to rebuild it.
+    tls: Arc<rustls::ClientConfig>,
+    /// The snapshot's `pool_generation` that `client` and `settings` were built for.
+    generation: Cell<u64>,
+    client: std::cell::RefCell<awc::Client>,
+    /// Pool settings of `client`, and of the mesh clients built on first use.
+    settings: std::cell::RefCell<Arc<crate::policy::UpstreamSettings>>,
     /// This sidecar's mesh certificates, when the policy had a `mesh` section at start-up.
     identity: Option<Arc<crate::mesh::Identity>>,
     /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
@@ -94,18 +98,23 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// `settings` are the pool settings `client` was built with; the mesh clients are built with them too, on
-    /// `identity`.
+    /// Builds the worker's client from the snapshot's pool settings and `tls`; the mesh clients are built with
+    /// the same pool settings, on `identity`.
     pub fn new(
         snapshot: SharedSnapshot,
-        client: awc::Client,
-        settings: crate::policy::UpstreamSettings,
+        tls: Arc<rustls::ClientConfig>,
         identity: Option<Arc<crate::mesh::Identity>>,
     ) -> Self {
+        let (generation, settings) = {
+            let s = snapshot.load();
+            (s.pool_generation, s.pool.clone())
+        };
         Self {
+            client: std::cell::RefCell::new(super::client::build(&settings, tls.clone())),
             snapshot,
-            client,
-            settings,
+            tls,
+            generation: Cell::new(generation),
+            settings: std::cell::RefCell::new(settings),
             identity,
             mesh_clients: std::cell::RefCell::default(),
             targets: Targets::default(),
@@ -114,10 +123,22 @@ impl Forwarder {
         }
     }
 
+    /// Rebuilds the clients when a reload changed the pool settings; requests in flight keep the old client,
+    /// whose idle connections close when the last of them ends.
+    fn follow_pool(&self, snapshot: &crate::snapshot::Snapshot) {
+        if snapshot.pool_generation == self.generation.get() {
+            return;
+        }
+        self.generation.set(snapshot.pool_generation);
+        *self.client.borrow_mut() = super::client::build(&snapshot.pool, self.tls.clone());
+        *self.settings.borrow_mut() = snapshot.pool.clone();
+        self.mesh_clients.borrow_mut().clear();
+    }
+
     /// The client for a plan: the shared one, or the mesh client that verifies the service's identity.
     fn client_for(&self, plan: &Plan) -> Result<awc::Client, ProxyError> {
         let Some((service, mesh)) = &plan.mesh else {
-            return Ok(self.client.clone());
+            return Ok(self.client.borrow().clone());
         };
         if let Some(c) = self.mesh_clients.borrow().get(service) {
             return Ok(c.clone());
@@ -130,7 +151,7 @@ impl Forwarder {
             ));
         };
         let config = identity.client_config(crate::certs::spiffe_id(&mesh.trust_domain, service));
-        let client = super::client::build(&self.settings, Arc::new(config));
+        let client = super::client::build(&self.settings.borrow(), Arc::new(config));
         self.mesh_clients
             .borrow_mut()
             .insert(service.clone(), client.clone());
@@ -221,6 +242,7 @@ impl Forwarder {
         // is awaited, so a slow upstream never pins an old policy.
         let (plan, headers) = {
             let snapshot = self.snapshot.load();
+            self.follow_pool(&snapshot);
             if head_size(&head) > snapshot.max_header_size {
                 return Err(ProxyError::new(
                     Cause::HeadersTooLarge,

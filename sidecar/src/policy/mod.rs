@@ -119,6 +119,8 @@ pub struct Listeners {
     pub max_header_size: usize,
     /// On SIGTERM/SIGINT (and when a listener is replaced), how long requests in flight may take to finish.
     pub drain_timeout: Duration,
+    /// How long a client may take to send a request head, on a new connection or a reused one.
+    pub head_timeout: Duration,
 }
 
 /// Timeouts, connection-pool settings and resilience used for every upstream unless a service overrides them.

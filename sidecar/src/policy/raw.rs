@@ -26,6 +26,8 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// actix-web's own default for a request head (`client_request_timeout`).
+const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +140,8 @@ struct RawListeners {
     max_header_size: Option<u64>,
     #[serde(default, with = "duration::serde_opt")]
     drain_timeout: Option<Duration>,
+    #[serde(default, with = "duration::serde_opt")]
+    head_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,7 +264,8 @@ impl RawPolicy {
             || l.admin.is_some()
             || l.workers.is_some()
             || l.max_header_size.is_some()
-            || l.drain_timeout.is_some();
+            || l.drain_timeout.is_some()
+            || l.head_timeout.is_some();
         self.origin.listeners = listeners_set.then(|| file.to_string());
         let d = &self.defaults;
         let defaults_set = d.timeouts.connect.is_some()
@@ -384,6 +389,14 @@ impl RawPolicy {
                     units::format_size(MAX_HEADER_SIZE_LIMIT),
                     units::format_size(max_header_size)
                 ),
+            ));
+        }
+        let head_timeout = self.listeners.head_timeout.unwrap_or(DEFAULT_HEAD_TIMEOUT);
+        if head_timeout.is_zero() {
+            issues.push(Issue::new(
+                &listeners_file,
+                "listeners.head_timeout",
+                "must be more than 0, got 0",
             ));
         }
 
@@ -595,6 +608,7 @@ impl RawPolicy {
                     .listeners
                     .drain_timeout
                     .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+                head_timeout,
             },
             upstream: UpstreamSettings {
                 timeouts,
