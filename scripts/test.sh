@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite. The tests run real programs where the product meets them (a Prometheus server and
 # promtool scrape and check the metrics, dnsmasq answers DNS), so this installs the ones the machine lacks,
-# runs every test, and prints a total.
+# runs every test, prints a total, then tests the compose deployment on the real Docker engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +29,6 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+
+# The compose deployment on the real Docker engine: images, a two-service mesh, reloads, restarts, drain.
+scripts/compose-test.sh

@@ -244,6 +244,19 @@ impl Discovery {
         let Some(service) = snapshot.services.get(name) else {
             return;
         };
+        // A mesh service's endpoints are peer sidecars' mTLS listeners, whichever source named them (static
+        // endpoints are made https when the policy is read).
+        let meshed: Vec<Upstream>;
+        let endpoints = if service.policy.mesh {
+            meshed = endpoints
+                .iter()
+                .cloned()
+                .map(Upstream::into_https)
+                .collect();
+            &meshed[..]
+        } else {
+            endpoints
+        };
         let same = service.endpoints.len() == endpoints.len()
             && service
                 .endpoints

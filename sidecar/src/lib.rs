@@ -25,6 +25,7 @@
 //!   actor that reports on them.
 //! - [`telemetry`]: the Prometheus recorder, metric names and request timing.
 //! - [`traces`]: OpenTelemetry spans per request and per attempt, W3C/B3 propagation, OTLP export.
+//! - [`probe`]: `sidecar health` (a container health check against the admin listener) and `sidecar pause`.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 
 pub mod access_log;
@@ -37,6 +38,7 @@ pub mod error;
 pub mod health;
 pub mod mesh;
 pub mod policy;
+pub mod probe;
 pub mod resilience;
 pub mod server;
 pub mod snapshot;

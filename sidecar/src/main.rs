@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -93,10 +94,57 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the admin listener whether the sidecar is alive (`/healthz`) or ready (`/readyz`): one line, exit 0
+    /// when it answers 200, 1 otherwise. No TLS, no DNS: for container health checks.
+    Health {
+        /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (alive).
+        #[arg(long)]
+        ready: bool,
+        /// The admin listener's address.
+        #[arg(
+            long = "admin-addr",
+            env = "SIDECAR_ADMIN",
+            default_value = "127.0.0.1:9901"
+        )]
+        admin_addr: SocketAddr,
+        /// How long to wait for the answer, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Hold a network namespace for a compose "pod" until SIGTERM or SIGINT; nothing else.
+    Pause,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The container helpers run before any logging is set up: they print one line or nothing.
+    match &cli.command {
+        Some(Command::Health {
+            ready,
+            admin_addr,
+            timeout_ms,
+        }) => {
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            let found =
+                sidecar::probe::probe(*admin_addr, path, Duration::from_millis(*timeout_ms));
+            println!("{}", found.line);
+            return if found.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(Command::Pause) => {
+            return match sidecar::probe::pause() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sidecar pause: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -130,6 +178,7 @@ fn main() -> ExitCode {
             certs(services, out, trust_domain, *days, &source)
         }
         Some(Command::Run) | None => run(&cli),
+        Some(Command::Health { .. } | Command::Pause) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,3 +79,16 @@ fn every_file_in_policies_is_accepted() {
     }
     Policy::load(&dir).expect("the policies directory loads as a whole");
 }
+
+#[test]
+fn the_compose_policies_are_accepted() {
+    let dir = repo().join("compose").join("policies");
+    let mut checked = 0;
+    for service in std::fs::read_dir(&dir).unwrap() {
+        let service = service.unwrap().path();
+        Policy::load(&service)
+            .unwrap_or_else(|e| panic!("{} is rejected:\n{e}", service.display()));
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "orders and payments");
+}

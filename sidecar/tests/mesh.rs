@@ -193,6 +193,44 @@ async fn an_app_calls_a_peer_service_through_both_sidecars_over_mtls() {
     orders.stop().await;
 }
 
+/// Found by running the compose deployment: endpoints that discovery found for a `mesh: true` service were
+/// called in plain HTTP, so the peer's TLS listener answered garbage (502 `upstream-protocol-error`).
+#[actix_rt::test]
+async fn a_mesh_service_found_by_discovery_is_called_over_mtls() {
+    let pki = Pki::new("discovered");
+    let app = RawUpstream::ok().await;
+    let orders = Sidecar::start(&pki.policy(app.addr));
+    let inbound = orders.inbound.expect("an inbound listener");
+    let hosts = pki.dir.join("orders-hosts.json");
+    std::fs::write(&hosts, format!("[\"{inbound}\"]")).unwrap();
+    let payments = Sidecar::start(&pki.outbound_policy(
+        "payments",
+        &format!(
+            "  orders:\n    mesh: true\n    discovery:\n      hosts_file: '{}'\n",
+            hosts.display()
+        ),
+    ));
+    let called = || async {
+        support::get(
+            payments.addr,
+            "/pay",
+            &[("target", "orders"), ("internal", "true")],
+        )
+        .await
+    };
+    support::eventually("the discovered peer answers over mTLS", || async {
+        called().await.status == 200
+    })
+    .await;
+    let seen = app.wait_for(1).await;
+    assert_eq!(
+        seen[0].header("x-sidecar-peer-identity"),
+        Some("spiffe://mesh.test/service/payments")
+    );
+    payments.stop().await;
+    orders.stop().await;
+}
+
 #[actix_rt::test]
 async fn authorization_allows_what_is_written_and_denies_the_rest() {
     let pki = Pki::new("authz");

@@ -564,3 +564,20 @@ pub async fn held_upstream() -> (
     });
     (addr, arrived, release)
 }
+
+/// Waits until `condition` holds, checking every 20 ms, and fails the test naming `what` when it has not held
+/// within [`DEADLINE`]. The one way these tests wait for something to become true.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
