@@ -266,7 +266,7 @@ impl Worker {
             }
             // The app continues the trace from this span, not from the peer's (in B3 too, when the peer sent B3).
             let mut extra = actix_http::header::HeaderMap::new();
-            traces::inject(cx, req.headers(), &mut extra);
+            traces::inject(cx, &req.head().headers, &mut extra);
             for (name, value) in extra {
                 req.headers_mut().insert(name, value);
             }
