@@ -257,16 +257,7 @@ impl Forwarder {
                 .with_header(RATELIMIT_POLICY, limit.policy_header().clone())
                 .with_header(RATELIMIT, limit.refusal_header(limited)));
             }
-            let mut headers = mem::take(&mut head.headers);
-            strip_request(&mut headers);
-            for (name, value) in route.patch {
-                headers.insert(name.clone(), value.clone());
-            }
-            if route.forwarded_for
-                && let Some(peer) = peer
-            {
-                append_forwarded_for(&mut headers, peer.ip());
-            }
+            // Read before the app's header map is moved into the upstream request below.
             let hash = match &upstreams {
                 Upstreams::Service(s)
                     if s.policy.resilience.balancer.kind == BalancerKind::ConsistentHash =>
@@ -284,6 +275,16 @@ impl Forwarder {
                 }
                 _ => None,
             };
+            let mut headers = mem::take(&mut head.headers);
+            strip_request(&mut headers);
+            for (name, value) in route.patch {
+                headers.insert(name.clone(), value.clone());
+            }
+            if route.forwarded_for
+                && let Some(peer) = peer
+            {
+                append_forwarded_for(&mut headers, peer.ip());
+            }
             let mesh = match &upstreams {
                 Upstreams::Service(s) if s.policy.mesh => {
                     snapshot.mesh.clone().map(|m| (s.name.clone(), m))
