@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
 use actix_http::error::PayloadError;
-use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use actix_http::header::{
+    CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
 use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
 use awc::FrozenClientRequest;
 use bytes::{Bytes, BytesMut};
@@ -930,14 +932,30 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Turns the upstream's response into the app's: status and end-to-end headers as they are (the header map is
 /// moved, not copied), the body streamed with the upstream's framing.
+///
+/// An HTTP/1.1 response with both `Transfer-Encoding: chunked` and `Content-Length` was decoded by its chunks
+/// (the codec lets chunked win, RFC 9112 §6.3): its length is dropped and the body goes to the app chunked, so
+/// the app never receives a length that disagrees with the body. Several `Content-Length` values, equal or
+/// not, never get here: the codec refuses them and the app gets 502 `upstream-protocol-error`.
 pub(crate) fn relay(response: awc::ClientResponse) -> Response<ProxyBody> {
     let status = response.status();
+    let chunked = response.version() == actix_http::Version::HTTP_11
+        && response
+            .headers()
+            .get(TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
     let mut headers = HeaderMap::new();
     let response = response.map_body(|head, payload: Payload<_>| {
         headers = mem::take(&mut head.headers);
         payload
     });
     strip_hop_by_hop(&mut headers);
+    if chunked && headers.remove(CONTENT_LENGTH).next().is_some() {
+        tracing::debug!(
+            %status,
+            "upstream response had Content-Length beside chunked framing: length dropped"
+        );
+    }
     let length = content_length(&headers);
 
     let body = if status == StatusCode::NO_CONTENT
