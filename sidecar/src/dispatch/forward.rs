@@ -293,6 +293,18 @@ impl Forwarder {
                 }
                 _ => None,
             };
+            if let Some((_, m)) = &mesh {
+                super::headers::underscores(&mut headers, m.headers_with_underscores, "outbound")
+                    .map_err(|name| {
+                    ProxyError::new(
+                        Cause::UnderscoreHeader,
+                        upstreams.name(),
+                        format!(
+                            "the header name {name} has '_' (mesh.headers_with_underscores: reject)"
+                        ),
+                    )
+                })?;
+            }
             let plan = Plan {
                 mesh,
                 hash,

@@ -8,5 +8,6 @@
 pub mod client;
 pub mod forward;
 pub mod headers;
+pub mod path;
 pub mod route;
 pub mod target;

@@ -26,7 +26,8 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::dispatch::forward::{ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
-use crate::dispatch::headers::strip_request;
+use crate::dispatch::headers::{UnderscoreAction, strip_request, underscores};
+use crate::dispatch::path::{self, PathOptions};
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Mesh, UpstreamSettings};
@@ -74,6 +75,8 @@ struct Local {
     app: Upstream,
     timeout: std::time::Duration,
     authorization: Option<Vec<crate::policy::AllowRule>>,
+    paths: PathOptions,
+    underscores: UnderscoreAction,
     limits: Arc<Limits>,
     client: awc::Client,
 }
@@ -136,12 +139,15 @@ pub fn server(
         concurrency: inbound.concurrency.map(Concurrency::new),
     });
     let tls = crate::dispatch::client::tls_config();
+    let underscores = mesh.headers_with_underscores;
     let server = HttpServer::new(move || {
         // Once per worker: the awc client is !Send and lives with its worker.
         let local = Rc::new(Local {
             app: inbound.app.clone(),
             timeout: inbound.request_timeout,
             authorization: inbound.authorization.clone(),
+            paths: inbound.paths,
+            underscores,
             limits: limits.clone(),
             client: crate::dispatch::client::build(&settings, tls.clone()),
         });
@@ -184,6 +190,18 @@ impl Local {
             })?;
         let req_peer = req.peer_addr().map(|p| p.ip());
         let (mut head, payload) = req.into_parts();
+        // One path for authorization and the app alike: normalized before any rule reads it, and the normalized
+        // form is what the app receives.
+        let bad_path = |why: String| ProxyError::new(Cause::BadPath, app(), why);
+        let normalized = match path::normalize(head.uri.path(), self.paths) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(why) => return Err(bad_path(format!("{why}: {}", head.uri.path()))),
+        };
+        if let Some(normal) = normalized {
+            head.uri =
+                path::with_path(&head.uri, &normal).map_err(|why| bad_path(why.to_string()))?;
+        }
         if let Some(rules) = &self.authorization {
             let peer = identity.to_str().unwrap_or_default();
             let (method, path) = (head.method.as_str(), head.uri.path());
@@ -208,6 +226,13 @@ impl Local {
         let framing = request_body(&head);
         let mut headers = std::mem::take(&mut head.headers);
         strip_request(&mut headers);
+        underscores(&mut headers, self.underscores, "inbound").map_err(|name| {
+            ProxyError::new(
+                Cause::UnderscoreHeader,
+                app(),
+                format!("the header name {name} has '_' (mesh.headers_with_underscores: reject)"),
+            )
+        })?;
         headers.insert(PEER_IDENTITY, identity);
         headers.insert(HOST, self.app.host_header().clone());
         let started = std::time::Instant::now();
