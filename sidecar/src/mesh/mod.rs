@@ -4,7 +4,7 @@
 //!
 //! Owns: the rustls server configuration (TLS 1.3 by default, 1.2 only when configured; a client certificate
 //! signed by the mesh CA is required), reading the identity from a verified certificate, and the inbound
-//! forwarder. The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
+//! forwarder (path normalized before authorization, underscore header names handled per policy). The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's `mesh` section ([`crate::policy::Mesh`]).
 
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
