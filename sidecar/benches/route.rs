@@ -1,5 +1,5 @@
 //! The pure, per-request pieces of the request path: parsing a `target`, joining paths, choosing a route (also
-//! behind an egress allow-list), and header hygiene. Run with `cargo bench -p sidecar --bench route`.
+//! behind an egress allow-list), header hygiene and path normalization. Run with `cargo bench -p sidecar --bench route`.
 
 #![allow(
     clippy::expect_used,
@@ -11,7 +11,8 @@ use std::hint::black_box;
 use actix_http::Uri;
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{Criterion, criterion_group, criterion_main};
-use sidecar::dispatch::headers::strip_request;
+use sidecar::dispatch::headers::{UnderscoreAction, strip_request, underscores};
+use sidecar::dispatch::path::{PathOptions, normalize};
 use sidecar::dispatch::route::{Targets, route};
 use sidecar::dispatch::target::Upstream;
 use sidecar::policy::Policy;
@@ -91,6 +92,32 @@ fn benches(c: &mut Criterion) {
             |h| strip_request(black_box(h)),
             criterion::BatchSize::SmallInput,
         )
+    });
+    c.bench_function("headers/underscores_drop_none", |b| {
+        b.iter_batched_ref(
+            || typical.clone(),
+            |h| underscores(black_box(h), UnderscoreAction::Drop, "inbound"),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    // The inbound listener's normalization: the fast path for a path that is already normal, and the copy
+    // for one with dot segments and escapes.
+    let options = PathOptions::default();
+    c.bench_function("path/normal", |b| {
+        b.iter(|| normalize(black_box("/api/v1.2/orders/7/items"), options).map(|p| p.len()))
+    });
+    c.bench_function("path/dot_segments", |b| {
+        b.iter(|| {
+            normalize(black_box("/api/v1.2/orders/%2e%2e/./items/../7"), options).map(|p| p.len())
+        })
+    });
+    let merging = PathOptions {
+        merge_slashes: true,
+        ..PathOptions::default()
+    };
+    c.bench_function("path/normal_merge_slashes", |b| {
+        b.iter(|| normalize(black_box("/api/v1.2/orders/7/items"), merging).map(|p| p.len()))
     });
 }
 

@@ -59,6 +59,11 @@ pub enum Cause {
     Forbidden,
     /// The URL target's host is not in the egress allow-list.
     EgressDenied,
+    /// A mesh request's path climbs above the root, has a malformed escape, or an encoded slash that
+    /// `mesh.inbound.paths` does not allow.
+    BadPath,
+    /// A header name with `_` on the mesh hop, with `mesh.headers_with_underscores: reject`.
+    UnderscoreHeader,
 }
 
 impl Cause {
@@ -66,7 +71,9 @@ impl Cause {
     pub fn status(self) -> StatusCode {
         use Cause::*;
         match self {
-            MissingTarget | BadTarget | BadInternal | RequestBody => StatusCode::BAD_REQUEST,
+            MissingTarget | BadTarget | BadInternal | RequestBody | BadPath | UnderscoreHeader => {
+                StatusCode::BAD_REQUEST
+            }
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Forbidden | EgressDenied => StatusCode::FORBIDDEN,
             UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
@@ -104,11 +111,13 @@ impl Cause {
             NoHealthyEndpoint => "no-healthy-endpoint",
             Forbidden => "forbidden",
             EgressDenied => "egress-denied",
+            BadPath => "bad-path",
+            UnderscoreHeader => "underscore-header",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 21] = {
+    pub const ALL: [Cause; 23] = {
         use Cause::*;
         [
             MissingTarget,
@@ -132,6 +141,8 @@ impl Cause {
             NoHealthyEndpoint,
             Forbidden,
             EgressDenied,
+            BadPath,
+            UnderscoreHeader,
         ]
     };
 }

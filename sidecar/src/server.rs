@@ -367,6 +367,7 @@ fn inbound_changes(was: Option<&Inbound>, next: &Inbound) -> Vec<&'static str> {
             "app",
             "request_timeout",
             "authorization",
+            "paths",
             "rate_limit",
             "concurrency",
         ];
@@ -378,6 +379,7 @@ fn inbound_changes(was: Option<&Inbound>, next: &Inbound) -> Vec<&'static str> {
             was.request_timeout != next.request_timeout,
         ),
         ("authorization", was.authorization != next.authorization),
+        ("paths", was.paths != next.paths),
         ("rate_limit", was.rate_limit != next.rate_limit),
         ("concurrency", was.concurrency != next.concurrency),
     ]
@@ -447,12 +449,19 @@ impl MeshState {
                 }
             }
             (Some(inbound), slot) => {
-                let changes = inbound_changes(was.inbound.as_ref(), inbound);
+                let mut changes = inbound_changes(was.inbound.as_ref(), inbound);
+                if was.headers_with_underscores != mesh.headers_with_underscores {
+                    changes.push("headers_with_underscores");
+                }
                 let settings = match &self.settings {
                     Some(shared) => {
                         if !changes.is_empty() {
                             let current = shared.load_full();
-                            shared.store(Arc::new(Settings::new(inbound, Some(&current))));
+                            shared.store(Arc::new(Settings::new(
+                                inbound,
+                                mesh.headers_with_underscores,
+                                Some(&current),
+                            )));
                             if slot.is_some() {
                                 done.push(Ok(format!(
                                     "mesh inbound {} applied to the next requests",
@@ -462,7 +471,10 @@ impl MeshState {
                         }
                         shared.clone()
                     }
-                    None => self.settings.insert(Settings::shared(inbound)).clone(),
+                    None => self
+                        .settings
+                        .insert(Settings::shared(inbound, mesh.headers_with_underscores))
+                        .clone(),
                 };
                 let build = inbound_builder(
                     self.identity.clone(),
@@ -667,7 +679,10 @@ pub fn start(
     };
     let mesh = match (policy.mesh.as_ref(), identity) {
         (Some(mesh), Some(identity)) => {
-            let settings = mesh.inbound.as_ref().map(Settings::shared);
+            let settings = mesh
+                .inbound
+                .as_ref()
+                .map(|inbound| Settings::shared(inbound, mesh.headers_with_underscores));
             let inbound = match (inbound_listener, &settings) {
                 (Some((listener, _)), Some(settings)) => Some(Built::new(
                     listener,

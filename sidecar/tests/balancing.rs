@@ -255,6 +255,51 @@ async fn consistent_hashing_keeps_a_key_on_one_instance() {
     sidecar.stop().await;
 }
 
+/// Issue 15 item 1: the hash was read after the header map had moved into the upstream request, so every key
+/// hashed the empty value and went to one instance.
+#[actix_rt::test]
+async fn hash_key_header_spreads_different_keys_and_keeps_each_on_one_instance() {
+    let instances = [
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+        RawUpstream::ok().await,
+    ];
+    let endpoints: Vec<String> = instances.iter().map(|u| format!("'{}'", u.addr)).collect();
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  carts:\n    endpoints: [{}]\n    load_balancer:\n      policy: consistent_hash\n      hash_key: 'header:x-user'\n",
+        endpoints.join(", ")
+    ));
+    let mut homes = std::collections::BTreeSet::new();
+    for n in 0..32 {
+        let user = format!("user-{n}");
+        let before: Vec<usize> = instances.iter().map(|u| u.received().len()).collect();
+        for _ in 0..3 {
+            let reply = get(
+                sidecar.addr,
+                "/",
+                &[("target", "carts"), ("internal", "true"), ("x-user", &user)],
+            )
+            .await;
+            assert_eq!(reply.status, 200);
+        }
+        let grew: Vec<usize> = instances
+            .iter()
+            .zip(&before)
+            .enumerate()
+            .filter(|(_, (u, b))| u.received().len() > **b)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(grew.len(), 1, "{user}'s requests all went to one instance");
+        homes.insert(grew[0]);
+    }
+    assert!(
+        homes.len() >= 3,
+        "32 keys over 4 instances land on at least 3 of them, got {homes:?}"
+    );
+    sidecar.stop().await;
+}
+
 #[actix_rt::test]
 async fn active_health_checks_take_an_endpoint_out_and_bring_it_back() {
     let sick = Arc::new(AtomicBool::new(true));

@@ -281,3 +281,72 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_refused_with_502() {
     assert_eq!(handshakes.load(std::sync::atomic::Ordering::SeqCst), 0);
     sidecar.stop().await;
 }
+
+/// The whole response as bytes, read until the sidecar closes the connection (the request says `close`).
+async fn raw_exchange(addr: std::net::SocketAddr, target: &str) -> Vec<u8> {
+    let mut conn = Conn::open(addr).await;
+    let raw = format!("GET / HTTP/1.1\r\nhost: x\r\ntarget: {target}\r\nconnection: close\r\n\r\n");
+    conn.send(raw.as_bytes()).await;
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        support::DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(conn.stream_mut(), &mut buf),
+    )
+    .await
+    .expect("the response ends, never hangs")
+    .expect("read the response");
+    buf
+}
+
+/// Issue 14 item 4: with `Content-Length: 3` and a chunked `hello`, the app got `content-length: 3` and `hel`
+/// as a complete response; with a length larger than the body it got nothing. The chunked framing wins (RFC
+/// 9112 §6.3) and the length is dropped before the response is passed on.
+#[actix_rt::test]
+async fn an_upstream_length_beside_chunked_framing_is_dropped_and_the_body_arrives_whole() {
+    for length in ["3", "100"] {
+        let upstream = RawUpstream::start(move |_| {
+            response(
+                200,
+                &[("content-length", length), ("transfer-encoding", "chunked")],
+                b"5\r\nhello\r\n0\r\n\r\n",
+            )
+        })
+        .await;
+        let sidecar = Sidecar::start("{}");
+        let reply = get(sidecar.addr, "/", &[("target", &upstream.url(""))]).await;
+        assert_eq!(reply.status, 200, "{}", reply.head);
+        assert_eq!(reply.header("content-length"), None, "{}", reply.head);
+        assert_eq!(
+            reply.header("transfer-encoding"),
+            Some("chunked"),
+            "{}",
+            reply.head
+        );
+        assert_eq!(reply.text(), "hello", "with content-length: {length}");
+
+        // The same on the wire, read to the end: exactly one chunked `hello`, nothing more, nothing cut.
+        let wire = raw_exchange(sidecar.addr, &upstream.url("")).await;
+        let end = support::find(&wire, b"\r\n\r\n").expect("a head");
+        assert_eq!(&wire[end + 4..], b"5\r\nhello\r\n0\r\n\r\n");
+        sidecar.stop().await;
+    }
+}
+
+/// Differing `Content-Length` values (two headers, or a list) cannot both describe the body: 502, with the
+/// cause named, and no byte of the upstream's body passed on. Identical duplicates are refused the same way
+/// by the codec (strict, as RFC 9112 §6.3 allows).
+#[actix_rt::test]
+async fn differing_upstream_content_lengths_are_a_502_never_a_guess() {
+    let cases: [&[(&str, &str)]; 3] = [
+        &[("content-length", "3"), ("content-length", "5")],
+        &[("content-length", "3, 5")],
+        &[("content-length", "5"), ("content-length", "5")],
+    ];
+    for headers in cases {
+        let upstream = RawUpstream::start(move |_| response(200, headers, b"hello")).await;
+        let sidecar = Sidecar::start("{}");
+        let reply = get(sidecar.addr, "/", &[("target", &upstream.url(""))]).await;
+        assert_refused(&reply, 502, "upstream-protocol-error");
+        sidecar.stop().await;
+    }
+}

@@ -858,3 +858,198 @@ async fn an_inbound_address_already_taken_is_reported_and_the_old_listener_stays
     assert_eq!(call(&payments, addr, "").await, Ok(200));
     sidecar.stop().await;
 }
+
+/// Issue 14 item 1 (the class of Envoy's CVE-2019-9901): a peer allowed only `/public/*` got 200 for
+/// `/public/../private` and its spellings, and the app received the path unchanged. The path is normalized
+/// before authorization, and the app receives the normalized path.
+#[actix_rt::test]
+async fn dot_segments_cannot_climb_out_of_an_allowed_prefix() {
+    let pki = Pki::new("dots");
+    let app = RawUpstream::ok().await;
+    let policy = pki.policy(app.addr)
+        + "    authorization:\n      - from: [payments]\n        methods: [GET]\n        paths: ['/public/*']\n";
+    let sidecar = Sidecar::start(&policy);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let payments = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+
+    for bypass in [
+        "/public/../private",
+        "/public/%2e%2e/private",
+        "/public/%2E%2E/private",
+        "/public/.%2e/private",
+        "/public/./../private",
+    ] {
+        assert_eq!(
+            call_to(&payments, inbound, &format!("GET {bypass}"), "").await,
+            Ok(403),
+            "{bypass} is authorized as /private"
+        );
+    }
+    for refused in [
+        "/public/../../etc/passwd",
+        "/public/a%2fb",
+        "/public/a%5Cb",
+        "/public/%zz",
+    ] {
+        assert_eq!(
+            call_to(&payments, inbound, &format!("GET {refused}"), "").await,
+            Ok(400),
+            "{refused} cannot be normalized"
+        );
+    }
+    assert!(app.received().is_empty(), "nothing reached the app");
+
+    // Allowed once normalized, and the app receives the normalized path with the query untouched.
+    for (sent, seen) in [
+        ("/public/a/../b?q=/../x", "/public/b?q=/../x"),
+        ("/public/%2e%2e/public/./x", "/public/x"),
+        ("/public/%7euser", "/public/~user"),
+        ("/public//x", "/public//x"),
+    ] {
+        assert_eq!(
+            call_to(&payments, inbound, &format!("GET {sent}"), "").await,
+            Ok(200),
+            "{sent}"
+        );
+        let received = app.received();
+        assert_eq!(received.last().unwrap().target, seen, "{sent}");
+    }
+    sidecar.stop().await;
+}
+
+/// `mesh.inbound.paths`: slashes merged (Envoy's `merge_slashes`) and encoded slashes passed on unchanged when
+/// the operator allows them.
+#[actix_rt::test]
+async fn path_options_merge_slashes_and_allow_encoded_slashes() {
+    let pki = Pki::new("path-options");
+    let app = RawUpstream::ok().await;
+    let policy = pki.policy(app.addr)
+        + "    paths:\n      merge_slashes: true\n      encoded_slashes: allow\n    authorization:\n      - from: [payments]\n        paths: ['/public/*']\n";
+    let sidecar = Sidecar::start(&policy);
+    let inbound = sidecar.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let payments = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+    assert_eq!(
+        call_to(&payments, inbound, "GET //public//x", "").await,
+        Ok(200)
+    );
+    assert_eq!(
+        call_to(&payments, inbound, "GET /public/a%2Fb", "").await,
+        Ok(200)
+    );
+    let targets: Vec<String> = app
+        .wait_for(2)
+        .await
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    assert_eq!(targets, ["/public/x", "/public/a%2Fb"]);
+    sidecar.stop().await;
+}
+
+/// Issue 14 item 2: an app's `x_sidecar_peer_identity` reached the peer's app beside the real header, and CGI,
+/// WSGI, PHP and Rack read both as `HTTP_X_SIDECAR_PEER_IDENTITY`. Underscore names are dropped on the mesh hop
+/// by default, and the underscore spellings of the sidecar's own headers always.
+#[actix_rt::test]
+async fn an_underscore_spelling_of_the_peer_identity_never_reaches_the_peer_app() {
+    let pki = Pki::new("underscores");
+    let app = RawUpstream::ok().await;
+    let orders = Sidecar::start(&pki.policy(app.addr));
+    let inbound = orders.inbound.expect("an inbound listener");
+    let payments = Sidecar::start(&pki.outbound_policy(
+        "payments",
+        &format!("  orders:\n    mesh: true\n    endpoints: ['{inbound}']\n"),
+    ));
+    let reply = support::get(
+        payments.addr,
+        "/pay",
+        &[
+            ("target", "orders"),
+            ("internal", "true"),
+            ("x_sidecar_peer_identity", "spoof"),
+            ("x-sidecar_peer-identity", "spoof"),
+            ("x_user_id", "7"),
+            ("x-user-id", "7"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // A peer that is not a sidecar (any holder of a mesh certificate) sends them straight to the listener.
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let peer = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+    assert_eq!(
+        call(
+            &peer,
+            inbound,
+            "x_sidecar_peer_identity: spoof\r\nx_user_id: 7\r\n"
+        )
+        .await,
+        Ok(200)
+    );
+
+    for seen in app.wait_for(2).await {
+        let mut names: Vec<&str> = seen
+            .headers
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.contains('_') || k.contains("sidecar") || k.contains("user"))
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            seen.all("x-sidecar-peer-identity"),
+            ["spiffe://mesh.test/service/payments"]
+        );
+        assert!(
+            names == ["x-sidecar-peer-identity", "x-user-id"]
+                || names == ["x-sidecar-peer-identity"],
+            "only the real identity and hyphenated names pass: {names:?}"
+        );
+    }
+    payments.stop().await;
+    orders.stop().await;
+}
+
+/// `mesh.headers_with_underscores: reject`: 400 `underscore-header` instead of a silent drop, both ways.
+#[actix_rt::test]
+async fn headers_with_underscores_can_be_refused_instead() {
+    let pki = Pki::new("underscores-reject");
+    let app = RawUpstream::ok().await;
+    let policy = pki.policy(app.addr).replace(
+        "  inbound:\n",
+        "  headers_with_underscores: reject\n  inbound:\n",
+    );
+    let orders = Sidecar::start(&policy);
+    let inbound = orders.inbound.expect("an inbound listener");
+    let (cert, key) = pki.issue("payments", Validity::default());
+    let peer = connector(&pki.dir.join("ca.pem"), Some((&cert, &key)));
+    assert_eq!(call(&peer, inbound, "x_user_id: 7\r\n").await, Ok(400));
+    assert_eq!(call(&peer, inbound, "x-user-id: 7\r\n").await, Ok(200));
+
+    let payments = Sidecar::start(
+        &pki.outbound_policy(
+            "payments",
+            &format!("  orders:\n    mesh: true\n    endpoints: ['{inbound}']\n"),
+        )
+        .replace(
+            "services:\n",
+            "  headers_with_underscores: reject\nservices:\n",
+        ),
+    );
+    let reply = support::get(
+        payments.addr,
+        "/pay",
+        &[
+            ("target", "orders"),
+            ("internal", "true"),
+            ("x_user_id", "7"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(reply.header("x-sidecar-error"), Some("underscore-header"));
+    assert_eq!(app.received().len(), 1, "only the hyphenated call arrived");
+    payments.stop().await;
+    orders.stop().await;
+}

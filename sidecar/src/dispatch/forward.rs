@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
 use actix_http::error::PayloadError;
-use actix_http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use actix_http::header::{
+    CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
 use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
 use awc::FrozenClientRequest;
 use bytes::{Bytes, BytesMut};
@@ -281,16 +283,7 @@ impl Forwarder {
                 .with_header(RATELIMIT_POLICY, limit.policy_header().clone())
                 .with_header(RATELIMIT, limit.refusal_header(limited)));
             }
-            let mut headers = mem::take(&mut head.headers);
-            strip_request(&mut headers);
-            for (name, value) in route.patch {
-                headers.insert(name.clone(), value.clone());
-            }
-            if route.forwarded_for
-                && let Some(peer) = peer
-            {
-                append_forwarded_for(&mut headers, peer.ip());
-            }
+            // Read before the app's header map is moved into the upstream request below.
             let hash = match &upstreams {
                 Upstreams::Service(s)
                     if s.policy.resilience.balancer.kind == BalancerKind::ConsistentHash =>
@@ -308,12 +301,34 @@ impl Forwarder {
                 }
                 _ => None,
             };
+            let mut headers = mem::take(&mut head.headers);
+            strip_request(&mut headers);
+            for (name, value) in route.patch {
+                headers.insert(name.clone(), value.clone());
+            }
+            if route.forwarded_for
+                && let Some(peer) = peer
+            {
+                append_forwarded_for(&mut headers, peer.ip());
+            }
             let mesh = match &upstreams {
                 Upstreams::Service(s) if s.policy.mesh => {
                     snapshot.mesh.clone().map(|m| (s.name.clone(), m))
                 }
                 _ => None,
             };
+            if let Some((_, m)) = &mesh {
+                super::headers::underscores(&mut headers, m.headers_with_underscores, "outbound")
+                    .map_err(|name| {
+                    ProxyError::new(
+                        Cause::UnderscoreHeader,
+                        upstreams.name(),
+                        format!(
+                            "the header name {name} has '_' (mesh.headers_with_underscores: reject)"
+                        ),
+                    )
+                })?;
+            }
             let plan = Plan {
                 mesh,
                 hash,
@@ -932,14 +947,30 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Turns the upstream's response into the app's: status and end-to-end headers as they are (the header map is
 /// moved, not copied), the body streamed with the upstream's framing.
+///
+/// An HTTP/1.1 response with both `Transfer-Encoding: chunked` and `Content-Length` was decoded by its chunks
+/// (the codec lets chunked win, RFC 9112 §6.3): its length is dropped and the body goes to the app chunked, so
+/// the app never receives a length that disagrees with the body. Several `Content-Length` values, equal or
+/// not, never get here: the codec refuses them and the app gets 502 `upstream-protocol-error`.
 pub(crate) fn relay(response: awc::ClientResponse) -> Response<ProxyBody> {
     let status = response.status();
+    let chunked = response.version() == actix_http::Version::HTTP_11
+        && response
+            .headers()
+            .get(TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
     let mut headers = HeaderMap::new();
     let response = response.map_body(|head, payload: Payload<_>| {
         headers = mem::take(&mut head.headers);
         payload
     });
     strip_hop_by_hop(&mut headers);
+    if chunked && headers.remove(CONTENT_LENGTH).next().is_some() {
+        tracing::debug!(
+            %status,
+            "upstream response had Content-Length beside chunked framing: length dropped"
+        );
+    }
     let length = content_length(&headers);
 
     let body = if status == StatusCode::NO_CONTENT

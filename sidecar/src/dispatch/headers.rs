@@ -1,4 +1,9 @@
-//! Header hygiene at the proxy boundary: hop-by-hop headers (RFC 9110 §7.6.1) and the sidecar's own headers.
+//! Header hygiene at the proxy boundary: hop-by-hop headers (RFC 9110 §7.6.1), the sidecar's own headers, and
+//! header names spelled with underscores on the mesh hop.
+//!
+//! CGI, WSGI, PHP and Rack turn `x-sidecar-peer-identity` and `x_sidecar_peer_identity` into the same
+//! `HTTP_X_SIDECAR_PEER_IDENTITY`, so an underscore spelling of one of the sidecar's own headers is removed
+//! wherever the sidecar removes its own headers, always.
 
 use actix_http::header::{
     self, CONNECTION, EXPECT, HeaderMap, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
@@ -57,14 +62,72 @@ fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
 }
 
 /// Prepares an app request's headers for the upstream: hop-by-hop and sidecar headers go, and so does
-/// `Expect: 100-continue` (the sidecar's listener already answered it to the app).
+/// `Expect: 100-continue` (the sidecar's listener already answered it to the app). The underscore spellings
+/// of the sidecar's own headers (`x_sidecar_peer_identity`, `x-sidecar_peer-identity`, ...) go too.
 pub fn strip_request(headers: &mut HeaderMap) {
     let expect_continue = headers
         .get(EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     strip(headers, |name| {
-        *name == TARGET || *name == INTERNAL || (expect_continue && *name == EXPECT)
+        *name == TARGET
+            || *name == INTERNAL
+            || (expect_continue && *name == EXPECT)
+            || is_own_underscore_spelling(name)
     });
+}
+
+/// A name with `_` that reads `x-sidecar-...` once underscores are read as hyphens.
+fn is_own_underscore_spelling(name: &HeaderName) -> bool {
+    const OWN: &[u8] = b"x-sidecar-";
+    let name = name.as_str().as_bytes();
+    name.len() > OWN.len()
+        && name.contains(&b'_')
+        && name
+            .iter()
+            .zip(OWN)
+            .all(|(&b, &own)| b == own || (own == b'-' && b == b'_'))
+}
+
+/// What the mesh hop does with a header whose name contains `_` (Envoy's `headers_with_underscores_action`,
+/// `mesh.headers_with_underscores`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnderscoreAction {
+    /// Remove it and count it in `sidecar_headers_dropped_total`.
+    #[default]
+    Drop,
+    /// Refuse the request: 400 `underscore-header`.
+    Reject,
+    /// Pass it on.
+    Allow,
+}
+
+/// Counts headers the mesh hop removed, by direction (`inbound`, `outbound`) and reason (`underscore`).
+pub const HEADERS_DROPPED: &str = "sidecar_headers_dropped_total";
+
+/// Applies `action` to the header names with `_`: `Err` with the first such name when the action is
+/// [`UnderscoreAction::Reject`]. Costs one scan of the names; nothing is allocated when none has `_`.
+pub fn underscores(
+    headers: &mut HeaderMap,
+    action: UnderscoreAction,
+    direction: &'static str,
+) -> Result<(), HeaderName> {
+    let has = |name: &HeaderName| name.as_str().contains('_');
+    match action {
+        UnderscoreAction::Allow => Ok(()),
+        UnderscoreAction::Reject => match headers.keys().find(|n| has(n)) {
+            Some(name) => Err(name.clone()),
+            None => Ok(()),
+        },
+        UnderscoreAction::Drop => {
+            if headers.keys().any(has) {
+                let before = headers.len();
+                headers.retain(|name, _| !has(name));
+                metrics::counter!(HEADERS_DROPPED, "direction" => direction, "reason" => "underscore")
+                    .increment((before - headers.len()) as u64);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Appends the client address to `X-Forwarded-For`, joining earlier values into one header as the seed
@@ -128,6 +191,49 @@ mod tests {
             .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
             .collect();
         assert_eq!(left, [("set-cookie", "a=1"), ("set-cookie", "b=2")]);
+    }
+
+    #[test]
+    fn underscore_spellings_of_the_sidecars_headers_always_go() {
+        let mut h = map(&[
+            ("x_sidecar_peer_identity", "spoof"),
+            ("x-sidecar_peer-identity", "spoof"),
+            ("x-sidecar-peer_identity", "spoof"),
+            (
+                "x-sidecar-peer-identity",
+                "kept: the inbound listener overwrites it",
+            ),
+            ("x_sidecar", "kept: not one of ours"),
+            ("x_user_id", "kept: the mesh hop decides"),
+            ("x-sidecarish_thing", "kept"),
+        ]);
+        strip_request(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "x-sidecar-peer-identity",
+                "x-sidecarish_thing",
+                "x_sidecar",
+                "x_user_id"
+            ]
+        );
+    }
+
+    #[test]
+    fn underscore_names_are_dropped_refused_or_allowed() {
+        let pairs = [("x_user", "1"), ("x-user", "2"), ("accept", "*/*")];
+        let mut h = map(&pairs);
+        assert!(underscores(&mut h, UnderscoreAction::Drop, "inbound").is_ok());
+        assert_eq!(h.len(), 2);
+        assert!(!h.contains_key("x_user"));
+        let mut h = map(&pairs);
+        let refused = underscores(&mut h, UnderscoreAction::Reject, "inbound").unwrap_err();
+        assert_eq!(refused.as_str(), "x_user");
+        let mut h = map(&pairs);
+        assert!(underscores(&mut h, UnderscoreAction::Allow, "inbound").is_ok());
+        assert_eq!(h.len(), 3);
     }
 
     #[test]

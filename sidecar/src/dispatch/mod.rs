@@ -1,12 +1,13 @@
 //! The data plane: route matching and forwarding.
 //!
 //! Owns: the request path ([`forward`]), route selection ([`route`]), upstream addresses ([`target`]), header
-//! hygiene ([`headers`]) and the per-worker upstream client ([`client`]). Does not own: policy state (read from
+//! hygiene ([`headers`]), path normalization for rules that match paths ([`path`]) and the per-worker upstream client ([`client`]). Does not own: policy state (read from
 //! the [`crate::snapshot`]) or anything that needs a timer or a mailbox.
 //! Called by the egress listener built in [`crate::server`].
 
 pub mod client;
 pub mod forward;
 pub mod headers;
+pub mod path;
 pub mod route;
 pub mod target;

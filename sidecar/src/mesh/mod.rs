@@ -4,10 +4,11 @@
 //!
 //! Owns: the rustls server configuration (TLS 1.3 by default, 1.2 only when configured; a client certificate
 //! signed by the mesh CA is required), reading the identity from a verified certificate, the inbound
-//! forwarder, its [`Settings`] (app, timeout, authorization, limits: swapped whole by a reload, so new rules
-//! need no new listener) and its telemetry (server span, duration histogram, access log line, each with the
-//! peer's identity). The certificates themselves, and their reload, are [`tls`]'s. Does not own: the policy's
-//! `mesh` section ([`crate::policy::Mesh`]), replacing the listener ([`crate::server`]).
+//! forwarder (the path normalized before authorization, underscore header names handled per policy), its
+//! [`Settings`] (app, timeout, authorization, path and header options, limits: swapped whole by a reload, so
+//! new rules need no new listener) and its telemetry (server span, duration histogram, access log line, each
+//! with the peer's identity). The certificates themselves, and their reload, are [`tls`]'s. Does not own: the
+//! policy's `mesh` section ([`crate::policy::Mesh`]), replacing the listener ([`crate::server`]).
 
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
@@ -35,7 +36,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log::{Record, Sampler};
 use crate::dispatch::forward::{Hold, ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
-use crate::dispatch::headers::strip_request;
+use crate::dispatch::headers::{UnderscoreAction, strip_request, underscores};
+use crate::dispatch::path::{self, PathOptions};
 use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Inbound, Mesh, UpstreamSettings};
@@ -107,6 +109,8 @@ pub struct Settings {
     app: Upstream,
     timeout: Duration,
     authorization: Option<Vec<crate::policy::AllowRule>>,
+    paths: PathOptions,
+    underscores: UnderscoreAction,
     limits: Arc<Limits>,
 }
 
@@ -116,7 +120,7 @@ pub type SharedSettings = Arc<ArcSwap<Settings>>;
 impl Settings {
     /// The settings of `inbound`; the limits (and their buckets and slots) of `previous` are kept when their
     /// policies did not change, so a reload of other settings does not refill every peer's bucket.
-    pub fn new(inbound: &Inbound, previous: Option<&Self>) -> Self {
+    pub fn new(inbound: &Inbound, underscores: UnderscoreAction, previous: Option<&Self>) -> Self {
         let policies = (inbound.rate_limit.clone(), inbound.concurrency);
         let limits = match previous {
             Some(p) if p.limits.policies == policies => p.limits.clone(),
@@ -133,12 +137,14 @@ impl Settings {
             app: inbound.app.clone(),
             timeout: inbound.request_timeout,
             authorization: inbound.authorization.clone(),
+            paths: inbound.paths,
+            underscores,
             limits,
         }
     }
 
-    pub fn shared(inbound: &Inbound) -> SharedSettings {
-        Arc::new(ArcSwap::from_pointee(Self::new(inbound, None)))
+    pub fn shared(inbound: &Inbound, underscores: UnderscoreAction) -> SharedSettings {
+        Arc::new(ArcSwap::from_pointee(Self::new(inbound, underscores, None)))
     }
 }
 
@@ -368,6 +374,18 @@ impl Local {
             })?;
         let req_peer = req.peer_addr().map(|p| p.ip());
         let (mut head, payload) = req.into_parts();
+        // One path for authorization and the app alike: normalized before any rule reads it, and the normalized
+        // form is what the app receives.
+        let bad_path = |why: String| ProxyError::new(Cause::BadPath, app(), why);
+        let normalized = match path::normalize(head.uri.path(), self.paths) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(why) => return Err(bad_path(format!("{why}: {}", head.uri.path()))),
+        };
+        if let Some(normal) = normalized {
+            head.uri =
+                path::with_path(&head.uri, &normal).map_err(|why| bad_path(why.to_string()))?;
+        }
         if let Some(rules) = &self.authorization {
             let peer = identity.to_str().unwrap_or_default();
             let (method, path) = (head.method.as_str(), head.uri.path());
@@ -392,6 +410,13 @@ impl Local {
         let framing = request_body(&head);
         let mut headers = std::mem::take(&mut head.headers);
         strip_request(&mut headers);
+        underscores(&mut headers, self.underscores, "inbound").map_err(|name| {
+            ProxyError::new(
+                Cause::UnderscoreHeader,
+                app(),
+                format!("the header name {name} has '_' (mesh.headers_with_underscores: reject)"),
+            )
+        })?;
         headers.insert(PEER_IDENTITY, identity);
         headers.insert(HOST, self.app.host_header().clone());
         let started = std::time::Instant::now();

@@ -64,6 +64,8 @@ pub struct Mesh {
     pub key: PathBuf,
     /// Accept TLS 1.2 too (TLS 1.3 only otherwise).
     pub tls12: bool,
+    /// What the mesh hop (both directions) does with header names that contain `_`.
+    pub headers_with_underscores: crate::dispatch::headers::UnderscoreAction,
     pub inbound: Option<Inbound>,
 }
 
@@ -79,6 +81,8 @@ pub struct Inbound {
     pub rate_limit: Option<resilience::RateLimitPolicy>,
     /// Requests in flight to the app, and a bounded queue; 503 `overloaded` beyond.
     pub concurrency: Option<resilience::ConcurrencyPolicy>,
+    /// How request paths are normalized before authorization and forwarding.
+    pub paths: crate::dispatch::path::PathOptions,
 }
 
 /// Who may call which methods and paths of the local app.
@@ -528,6 +532,51 @@ mod tests {
             err.to_string(),
             "policies/orders.yaml:5:9: services.orders.endpoints[1]: must be an absolute http or https URL, got \"ftp://x\""
         );
+    }
+
+    #[test]
+    fn mesh_path_and_underscore_keys_are_checked() {
+        let mesh = "mesh:\n  identity: orders\n  ca: ca.pem\n  cert: c.pem\n  key: k.pem\n";
+        let ok = Policy::from_yaml(
+            "p.yaml",
+            &format!("{mesh}  headers_with_underscores: reject\n  inbound:\n    paths:\n      merge_slashes: true\n      encoded_slashes: allow\n"),
+        )
+        .unwrap();
+        let m = ok.mesh.unwrap();
+        assert_eq!(
+            m.headers_with_underscores,
+            crate::dispatch::headers::UnderscoreAction::Reject
+        );
+        let paths = m.inbound.unwrap().paths;
+        assert!(paths.merge_slashes);
+        assert_eq!(
+            paths.encoded_slashes,
+            crate::dispatch::path::EncodedSlashes::Allow
+        );
+        let err = Policy::from_yaml(
+            "p.yaml",
+            &format!("{mesh}  headers_with_underscores: keep\n  inbound:\n    paths:\n      encoded_slashes: decode\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "mesh.headers_with_underscores: must be drop, reject or allow, got \"keep\""
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "mesh.inbound.paths.encoded_slashes: must be reject or allow, got \"decode\""
+            ),
+            "{err}"
+        );
+        let err = Policy::from_yaml(
+            "p.yaml",
+            &format!("{mesh}  inbound:\n    paths:\n      normalize: true\n"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("normalize"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ use super::{
     ServicePolicy, Timeouts, UpstreamSettings, duration, units,
 };
 use crate::access_log::AccessLogPolicy;
+use crate::dispatch::headers::UnderscoreAction;
+use crate::dispatch::path::{EncodedSlashes, PathOptions};
 use crate::dispatch::target::Upstream;
 
 const DEFAULT_EGRESS: &str = "127.0.0.1:5000";
@@ -70,6 +72,7 @@ struct RawMesh {
     cert: Option<String>,
     key: Option<String>,
     tls12: Option<bool>,
+    headers_with_underscores: Option<String>,
     inbound: Option<RawInbound>,
 }
 
@@ -83,6 +86,15 @@ struct RawInbound {
     authorization: Option<Vec<RawAllow>>,
     rate_limit: Option<super::resilience::RawRateLimit>,
     concurrency: Option<super::resilience::RawConcurrency>,
+    paths: Option<RawPaths>,
+}
+
+/// `mesh.inbound.paths`: how request paths are normalized before authorization.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    merge_slashes: Option<bool>,
+    encoded_slashes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -869,6 +881,24 @@ fn validate_mesh(
                     issues.push(Issue::new(file, format!("mesh.inbound.{field}"), why));
                 },
             );
+            let paths = i.paths.as_ref().map_or_else(PathOptions::default, |p| {
+                let encoded_slashes = match p.encoded_slashes.as_deref() {
+                    None | Some("reject") => EncodedSlashes::Reject,
+                    Some("allow") => EncodedSlashes::Allow,
+                    Some(other) => {
+                        issues.push(Issue::new(
+                            file,
+                            "mesh.inbound.paths.encoded_slashes",
+                            format!("must be reject or allow, got {other:?}"),
+                        ));
+                        EncodedSlashes::Reject
+                    }
+                };
+                PathOptions {
+                    merge_slashes: p.merge_slashes.unwrap_or(false),
+                    encoded_slashes,
+                }
+            });
             Some(Inbound {
                 listen,
                 app,
@@ -876,7 +906,21 @@ fn validate_mesh(
                 authorization,
                 rate_limit,
                 concurrency,
+                paths,
             })
+        }
+    };
+    let headers_with_underscores = match raw.headers_with_underscores.as_deref() {
+        None | Some("drop") => UnderscoreAction::Drop,
+        Some("reject") => UnderscoreAction::Reject,
+        Some("allow") => UnderscoreAction::Allow,
+        Some(other) => {
+            issues.push(Issue::new(
+                file,
+                "mesh.headers_with_underscores",
+                format!("must be drop, reject or allow, got {other:?}"),
+            ));
+            UnderscoreAction::Drop
         }
     };
     if identity.is_empty() || ca.is_empty() || cert.is_empty() || key.is_empty() {
@@ -889,6 +933,7 @@ fn validate_mesh(
         cert: cert.into(),
         key: key.into(),
         tls12: raw.tls12.unwrap_or(false),
+        headers_with_underscores,
         inbound,
     })
 }
