@@ -481,6 +481,8 @@ fn a_mesh_start_up_error_says_why_and_never_panics() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
 /// `sidecar check` on `text`, written to a file of `dir`: its exit status, stderr and how long it took.
 fn check_text(
     dir: &std::path::Path,
