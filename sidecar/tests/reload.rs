@@ -426,8 +426,10 @@ async fn traffic_during_alternating_valid_and_invalid_edits_never_fails_nor_sees
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    // A guard that the story ran under real load, not a throughput test (that is bench/'s): a loaded 2-core
+    // machine was seen to pace 36k to 51k of the 60k, and every one of them was answered.
     assert!(
-        total >= RATE_PER_SEC * RUN.as_secs() * 9 / 10,
+        total >= RATE_PER_SEC * RUN.as_secs() / 2,
         "only {total} requests were sent"
     );
     assert!(to_a > 0 && to_b > 0, "the policy never switched");
