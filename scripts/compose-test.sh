@@ -89,7 +89,7 @@ for image in sidecar:local simple-app:local; do
     awk -v i="$image" -v n="$(docker image inspect -f '{{.Size}}' "$image")" 'BEGIN { printf "%s: %.1f MB\n", i, n / 1e6 }'
 done
 sidecar_id=$(dc ps -q orders-sidecar)
-python3 - "$(docker inspect -f '{{.State.StartedAt}}' "$sidecar_id")" "$(docker logs "$sidecar_id" 2>&1 | grep -m1 'sidecar listening' | cut -c1-30)" <<'PY'
+python3 - "$(docker inspect -f '{{.State.StartedAt}}' "$sidecar_id")" "$(docker logs "$sidecar_id" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' | grep -m1 'sidecar listening' | cut -c1-30)" <<'PY'
 import sys, datetime
 def parse(t):
     t = t.strip().rstrip("Z").split(" ")[0]
@@ -98,6 +98,9 @@ def parse(t):
 started, ready = parse(sys.argv[1]), parse(sys.argv[2].split()[0])
 print(f"orders-sidecar: container started to listening in {(ready - started).total_seconds() * 1000:.0f} ms")
 PY
+
+docker stats --no-stream --format '{{.Name}}: {{.MemUsage}}' \
+    "$(dc ps -q orders)" "$sidecar_id" "$(dc ps -q orders-app)" | sed "s/^$project_//"
 
 step "an edit of a policy file on the host takes effect without a restart"
 policy="$work/policies/payments/sidecar.yaml"
