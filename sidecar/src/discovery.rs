@@ -3,8 +3,9 @@
 //!
 //! Owns: the resolver, each source's schedule (re-resolved when its answer's TTL expires, within the
 //! service's `min_ttl`..`max_ttl`) and its last good answer, which survives any failure. Does not own: how
-//! endpoints are chosen ([`crate::balance`]) or the policy (a reload that rebuilds a service resets its
-//! endpoints to the static ones; the next tick publishes the last good answer again).
+//! endpoints are chosen ([`crate::balance`]) or the policy (a reload that rebuilds a service keeps the
+//! endpoints published here while its discovery source is unchanged, see [`crate::snapshot::Snapshot::build`];
+//! each tick publishes the last good answer again in case a rebuild did not).
 //!
 //! The request path only reads the snapshot; this actor replaces one service at a time in it, on the same
 //! arbiter as the policy store, so the two never interleave.
