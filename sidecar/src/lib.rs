@@ -20,7 +20,7 @@
 //! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
 //! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
-//!   `/admin/reload`).
+//!   `/admin/reload`, `/admin/targets`, `/admin/mesh`).
 //! - [`resilience`]: per-target retries with budgets, circuit breakers, concurrency and rate limits, and the
 //!   actor that reports on them.
 //! - [`telemetry`]: the Prometheus recorder, metric names and request timing.

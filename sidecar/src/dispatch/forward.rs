@@ -1,15 +1,20 @@
 //! The request path: one app request in, one upstream request out, the upstream's response streamed back.
 //!
 //! Phases, in order (see `docs/request-path.md`):
-//! 1. **snapshot**: one `ArcSwap` load of the policy view;
+//! 1. **snapshot**: `ArcSwap` loads of the policy view: one for the access log settings when the request
+//!    arrives, one for routing (a reload in between can make them two versions), and one more per traced
+//!    attempt for the access log's `query` setting;
 //! 2. **guard**: head size limit;
 //! 3. **route**: `target` / `internal` headers or dispatch rules pick the upstream ([`super::route`]);
 //! 4. **rewrite**: upstream URI, hop-by-hop and sidecar headers removed, `Host`, patch, `X-Forwarded-For`;
 //! 5. **send**: the request body streams to the upstream with back pressure, under the request timeout;
 //! 6. **respond**: status and end-to-end headers relayed as they are, the body streamed with its framing.
 //!
-//! Any failure becomes a [`ProxyError`] response. No lock, no actor round trip, no header copy: the app's
-//! header map is moved into the upstream request and the upstream's into the response.
+//! Any failure becomes a [`ProxyError`] response. No actor round trip and no header copy: the app's header
+//! map is moved into the upstream request and the upstream's into the response. Not lock-free: a request
+//! may take the retry budget's `Mutex` (deposit, and withdraw on a retry), the breaker records' `Mutex`es of
+//! the service and the endpoint (outcomes, and admission while tripped), the URL authorities' `RwLock`
+//! (lookup, write on a new authority) and, under a keyed rate limit, that limiter's key map `RwLock`.
 
 use std::cell::Cell;
 use std::mem;
