@@ -2,7 +2,7 @@
 //!
 //! Owns: [`Snapshot`] (services with their endpoints, dispatch rules, timeouts, limits) and [`SharedSnapshot`],
 //! the atomic cell that publishes it. Does not own: loading or validating policies ([`crate::policy`]) or
-//! deciding when to publish ([`crate::policy::store`]).
+//! deciding when to publish ([`crate::control::store`]).
 //! Called by the request path ([`crate::dispatch`]) for reads; replaced whole by the policy store.
 
 use std::collections::HashMap;
@@ -16,13 +16,13 @@ use metrics::SharedString;
 
 use crate::access_log::AccessLogPolicy;
 use crate::balance::{Clock, Load, Ring, load_bound};
-use crate::dispatch::target::Upstream;
-use crate::policy::resilience::BalancerKind;
+use crate::policy::traffic::BalancerKind;
 use crate::policy::{DispatchRules, Policy, ServicePolicy, UpstreamSettings};
 use crate::resilience::breaker::{Breaker, Ejections};
 use crate::resilience::monitor::{Kind, Scope};
 use crate::resilience::retry::random_below;
 use crate::resilience::{Authorities, Target};
+use crate::upstream::Upstream;
 
 /// The cell the request path reads and the control plane swaps.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -88,7 +88,7 @@ pub struct Endpoint {
     /// `host:port`, for logs and metrics.
     pub label: SharedString,
     pub load: Load,
-    /// False while active health checks fail ([`crate::health`]); true without health checks.
+    /// False while active health checks fail ([`crate::control::health`]); true without health checks.
     pub healthy: std::sync::atomic::AtomicBool,
 }
 

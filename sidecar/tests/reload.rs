@@ -483,11 +483,11 @@ async fn truncate_then_write_edits_under_steady_traffic_lose_no_request() {
     let dir = policy_dir("truncate");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_source(sidecar::policy::store::PolicySource {
+    let sidecar = Sidecar::start_source(sidecar::control::store::PolicySource {
         policy: Some(file.clone()),
         watch: true,
         reload_debounce: Some(Duration::from_millis(50)),
-        ..sidecar::policy::store::PolicySource::default()
+        ..sidecar::control::store::PolicySource::default()
     });
     until_served_by(&sidecar, "A").await;
 

@@ -32,24 +32,23 @@ use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
 use awc::FrozenClientRequest;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, stream};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
 use super::route::{Dest, Targets, route};
-use super::target::Upstream;
 use crate::access_log::{Record, Sampler};
 use crate::balance::stable_hash;
 use crate::error::{Cause, ProxyError};
-use crate::policy::resilience::Retries;
-use crate::policy::resilience::{BalancerKind, HashKey};
+use crate::policy::traffic::Retries;
+use crate::policy::traffic::{BalancerKind, HashKey};
 use crate::resilience::Target;
 use crate::resilience::breaker::{Admit, Breaker, Ticket};
 use crate::resilience::limits::Overload;
 use crate::resilience::monitor;
 use crate::resilience::retry::{Attempt, backoff, idempotent, retry_after};
 use crate::snapshot::{InFlight, Service, SharedSnapshot};
-use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
+use crate::telemetry::{BytesIn, Counted, Hold, Instruments, RequestLabels, Timed, method_label};
 use crate::traces;
+use crate::upstream::Upstream;
 use metrics::SharedString;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
@@ -574,23 +573,6 @@ impl Forwarder {
             return Decision::Skip("budget_exhausted");
         }
         Decision::Retry(wait)
-    }
-}
-
-/// What the request holds until its response body ends.
-#[derive(Debug, Default)]
-pub struct Hold {
-    /// The target's concurrency slot.
-    pub permit: Option<OwnedSemaphorePermit>,
-    /// The server span, ended with the body.
-    pub trace: Option<Context>,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if let Some(cx) = self.trace.take() {
-            cx.span().end();
-        }
     }
 }
 

@@ -10,4 +10,3 @@ pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod route;
-pub mod target;

@@ -31,22 +31,7 @@ use serde::Serialize;
 
 use crate::policy::Mesh;
 
-/// Seconds until a certificate expires (negative once it has): this sidecar's, and the CA bundle's soonest.
-pub const EXPIRY: &str = "sidecar_mesh_certificate_expiry_seconds";
-/// Certificate files read anew, by result (`applied`, `rejected`).
-pub const RELOADS: &str = "sidecar_mesh_certificate_reloads_total";
-
-pub fn describe() {
-    metrics::describe_gauge!(
-        EXPIRY,
-        metrics::Unit::Seconds,
-        "Seconds until a mesh certificate expires (negative once it has); certificate=identity|ca."
-    );
-    metrics::describe_counter!(
-        RELOADS,
-        "Mesh certificate files read anew after a change, by result (applied, rejected)."
-    );
-}
+pub use crate::telemetry::names::{CERT_EXPIRY as EXPIRY, CERT_RELOADS as RELOADS};
 
 /// How often the certificate files are compared with the ones in use.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);

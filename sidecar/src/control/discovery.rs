@@ -22,27 +22,16 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 
-use crate::dispatch::target::Upstream;
 use crate::policy::{Discovery as Spec, DiscoverySource};
 use crate::snapshot::SharedSnapshot;
+use crate::upstream::Upstream;
 
-/// Discovery results by service and result (`changed`, `unchanged`, `failed`).
-pub const UPDATES: &str = "sidecar_discovery_updates_total";
-/// Endpoints a service has now.
-pub const ENDPOINTS: &str = "sidecar_service_endpoints";
+pub use crate::telemetry::names::{DISCOVERY_UPDATES as UPDATES, SERVICE_ENDPOINTS as ENDPOINTS};
 
 /// How often sources are checked for being due (and hosts files for changes).
 const TICK: Duration = Duration::from_millis(200);
 /// The longest one resolution may take.
 const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
-
-pub fn describe() {
-    metrics::describe_counter!(
-        UPDATES,
-        "Service discovery answers by result (changed, unchanged, failed)."
-    );
-    metrics::describe_gauge!(ENDPOINTS, "Endpoints each service has now.");
-}
 
 /// The actor.
 pub struct Discovery {
