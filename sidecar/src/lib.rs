@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //!
-//! Two planes. The **data plane** is the request path: lock-free, it reads one snapshot per request and never
-//! waits on an actor. The **control plane** owns state and timers and publishes snapshots.
+//! Two planes. The **data plane** is the request path: it reads the policy from one atomically swapped
+//! snapshot (loaded twice per request), takes only short locks (see [`dispatch::forward`]) and never waits on an
+//! actor. The **control plane** owns state and timers and publishes snapshots.
 //!
 //! - [`policy`]: the policy files' model, validation and the seed dispatcher's `config.yaml` format; plain
 //!   values, importing nothing from the data plane, the mesh or the control plane.

@@ -1,4 +1,5 @@
-//! The coherent view of the policy that the request path reads: one `ArcSwap` load per request.
+//! The coherent view of the policy that the request path reads with `ArcSwap` loads (two per request, see
+//! `docs/request-path.md`).
 //!
 //! Owns: [`Snapshot`] (services with their endpoints, dispatch rules, timeouts, limits) and [`SharedSnapshot`],
 //! the atomic cell that publishes it. Does not own: loading or validating policies ([`crate::policy`]) or
@@ -407,7 +408,7 @@ impl Snapshot {
     }
 
     /// Builds a snapshot; services whose policy is unchanged from `previous` keep their state (the same `Arc`),
-    /// and a discovered service whose policy changed keeps its discovered endpoints ([`Service::rebuilt`]).
+    /// and a discovered service whose policy changed keeps its discovered endpoints (`Service::rebuilt`).
     pub fn build(policy: &Policy, version: u64, previous: Option<&Snapshot>) -> Self {
         let services = policy
             .services
