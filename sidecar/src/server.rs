@@ -728,7 +728,9 @@ pub fn start(
         &policy.upstream,
     ));
     if let Some(mesh) = &mesh {
-        actix::Actor::start(crate::mesh::CertWatcher(mesh.identity.clone()));
+        actix::Actor::start(crate::control::cert_watcher::CertWatcher(
+            mesh.identity.clone(),
+        ));
     }
     let servers = Servers {
         tasks: tasks.clone(),

@@ -5,7 +5,9 @@
 //! - [`discovery`]: keeps services' endpoints current from DNS (A/AAAA, SRV) or a hosts file.
 //! - [`health`]: active HTTP health checks of service endpoints.
 //! - [`monitor`]: reports breaker transitions, publishes breaker states, evicts idle rate-limit keys.
+//! - [`cert_watcher`]: re-reads the mesh certificate files and swaps in a valid new set.
 
+pub mod cert_watcher;
 pub mod discovery;
 pub mod health;
 pub mod monitor;

@@ -47,8 +47,8 @@ use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, meth
 use crate::traces;
 use crate::upstream::Upstream;
 
-mod tls;
-pub use tls::{CertWatcher, Identity, Prepared};
+pub mod tls;
+pub use tls::{Identity, Prepared};
 
 pub use crate::policy::http::PEER_IDENTITY;
 
