@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_http::header::HeaderMap;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sidecar::policy::Policy;
-use sidecar::policy::resilience::{BreakerPolicy, Resilience};
+use sidecar::policy::traffic::{BreakerPolicy, Resilience};
 use sidecar::resilience::breaker::{Admit, Breaker};
 use sidecar::resilience::monitor::Scope;
 use sidecar::snapshot::Snapshot;

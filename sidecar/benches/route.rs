@@ -14,9 +14,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sidecar::dispatch::headers::{UnderscoreAction, strip_request, underscores};
 use sidecar::dispatch::path::{PathOptions, normalize};
 use sidecar::dispatch::route::{Targets, route};
-use sidecar::dispatch::target::Upstream;
 use sidecar::policy::Policy;
 use sidecar::snapshot::Snapshot;
+use sidecar::upstream::Upstream;
 
 const POLICY: &str = "services:\n  orders:\n    endpoints: ['10.0.0.1:8080', '10.0.0.2:8080']\ndispatch:\n  key: environment\n  destination: http://default:80\n  rewrites:\n    dev:\n      patch:\n        - key: Host\n          val: example.com\n      destination: http://dev:80\n";
 

@@ -15,11 +15,12 @@ use actix_http::Method;
 use actix_http::uri::Authority;
 use metrics::SharedString;
 
+pub use crate::telemetry::names::ACCESS_LOG_DROPPED as DROPPED;
+
 /// Unwritten bytes per worker; past this, new lines are dropped.
 const SHARD_LIMIT: usize = 4 << 20;
 /// How often the writer drains the workers' buffers: the most a line waits.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
-pub const DROPPED: &str = "sidecar_access_log_dropped_total";
 
 /// What the `access_log:` section says.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -9,7 +9,7 @@
 //! Every request that could change state (any method but GET and HEAD) is refused with 403 when a browser could
 //! have been made to send it from another site: a foreign `Origin`, `Sec-Fetch-Site` other than `same-origin` or
 //! `none`, or a content type an HTML form can send ([`cross_site`]).
-//! Does not own: the policy itself ([`crate::policy::store`]). The telemetry issue adds the rest of the surface.
+//! Does not own: the policy itself ([`crate::control::store`]). The telemetry issue adds the rest of the surface.
 
 use std::net::TcpListener;
 
@@ -22,7 +22,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::policy::store::{PolicyHandle, ReloadResult};
+use crate::control::store::{PolicyHandle, ReloadResult};
 use crate::snapshot::SharedSnapshot;
 
 /// Set once a SIGTERM/SIGINT starts the drain; readiness turns false.

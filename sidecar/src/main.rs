@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sidecar::policy::store::{Overrides, PolicySource};
+use sidecar::control::store::{Overrides, PolicySource};
 use sidecar::server::{self, Listeners, RunOptions};
 
 /// With glibc's allocator the proxy made ~31.5k requests/s in the benchmark seat; with mimalloc ~51k (its

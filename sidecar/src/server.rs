@@ -25,9 +25,9 @@ use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 
 use crate::admin::Draining;
+use crate::control::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
 use crate::dispatch::{client, forward::Forwarder};
 use crate::mesh::{Identity, Prepared, Settings, SharedSettings};
-use crate::policy::store::{ListenerControl, PolicyHandle, PolicySource, PolicyStore};
 use crate::policy::{Inbound, Listeners as ListenerSettings, Mesh, Policy, UpstreamSettings};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
@@ -721,14 +721,16 @@ pub fn start(
     if crate::telemetry::recorder().is_some() {
         actix::Actor::start(crate::telemetry::Upkeep);
     }
-    actix::Actor::start(crate::resilience::monitor::Monitor::new(snapshot.clone()));
-    actix::Actor::start(crate::discovery::Discovery::new(snapshot.clone()));
-    actix::Actor::start(crate::health::HealthChecker::new(
+    actix::Actor::start(crate::control::monitor::Monitor::new(snapshot.clone()));
+    actix::Actor::start(crate::control::discovery::Discovery::new(snapshot.clone()));
+    actix::Actor::start(crate::control::health::HealthChecker::new(
         snapshot.clone(),
         &policy.upstream,
     ));
     if let Some(mesh) = &mesh {
-        actix::Actor::start(crate::mesh::CertWatcher(mesh.identity.clone()));
+        actix::Actor::start(crate::control::cert_watcher::CertWatcher(
+            mesh.identity.clone(),
+        ));
     }
     let servers = Servers {
         tasks: tasks.clone(),

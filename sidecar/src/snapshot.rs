@@ -1,8 +1,9 @@
-//! The coherent view of the policy that the request path reads: one `ArcSwap` load per request.
+//! The coherent view of the policy that the request path reads with `ArcSwap` loads (two per request, see
+//! `docs/request-path.md`).
 //!
 //! Owns: [`Snapshot`] (services with their endpoints, dispatch rules, timeouts, limits) and [`SharedSnapshot`],
 //! the atomic cell that publishes it. Does not own: loading or validating policies ([`crate::policy`]) or
-//! deciding when to publish ([`crate::policy::store`]).
+//! deciding when to publish ([`crate::control::store`]).
 //! Called by the request path ([`crate::dispatch`]) for reads; replaced whole by the policy store.
 
 use std::collections::HashMap;
@@ -16,13 +17,13 @@ use metrics::SharedString;
 
 use crate::access_log::AccessLogPolicy;
 use crate::balance::{Clock, Load, Ring, load_bound};
-use crate::dispatch::target::Upstream;
-use crate::policy::resilience::BalancerKind;
+use crate::policy::traffic::BalancerKind;
 use crate::policy::{DispatchRules, Policy, ServicePolicy, UpstreamSettings};
 use crate::resilience::breaker::{Breaker, Ejections};
 use crate::resilience::monitor::{Kind, Scope};
 use crate::resilience::retry::random_below;
 use crate::resilience::{Authorities, Target};
+use crate::upstream::Upstream;
 
 /// The cell the request path reads and the control plane swaps.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -88,7 +89,7 @@ pub struct Endpoint {
     /// `host:port`, for logs and metrics.
     pub label: SharedString,
     pub load: Load,
-    /// False while active health checks fail ([`crate::health`]); true without health checks.
+    /// False while active health checks fail ([`crate::control::health`]); true without health checks.
     pub healthy: std::sync::atomic::AtomicBool,
 }
 
@@ -119,7 +120,21 @@ impl Drop for InFlight {
 }
 
 impl Service {
-    fn new(name: &str, policy: &ServicePolicy) -> Self {
+    /// The service for a changed policy. A discovered service keeps the endpoints discovery published for
+    /// `previous` while the discovery source and `mesh` are unchanged: its static endpoints (usually none)
+    /// would otherwise serve until discovery publishes again. Those endpoints keep their load, health and
+    /// ejection when the outlier policy is unchanged too; otherwise they start afresh under the new one.
+    fn rebuilt(name: &str, policy: &ServicePolicy, previous: Option<&Service>) -> Self {
+        let discovered = previous.filter(|p| {
+            p.policy.discovery.is_some()
+                && p.policy.discovery == policy.discovery
+                && p.policy.mesh == policy.mesh
+                && !p
+                    .endpoints
+                    .iter()
+                    .map(|e| &e.upstream)
+                    .eq(p.policy.endpoints.iter())
+        });
         let name: Arc<str> = Arc::from(name);
         let label = SharedString::from(name.clone());
         let scope = Scope {
@@ -141,7 +156,23 @@ impl Service {
             ring: None,
             clock: Clock::default(),
         };
-        service.set_endpoints(&policy.endpoints, &[]);
+        match discovered {
+            Some(previous) => {
+                let upstreams: Vec<Upstream> = previous
+                    .endpoints
+                    .iter()
+                    .map(|e| e.upstream.clone())
+                    .collect();
+                if previous.policy.resilience.outliers == policy.resilience.outliers {
+                    // The kept endpoints' breakers count against the previous service's ejection cap.
+                    service.ejections = previous.ejections.clone();
+                    service.set_endpoints(&upstreams, &previous.endpoints);
+                } else {
+                    service.set_endpoints(&upstreams, &[]);
+                }
+            }
+            None => service.set_endpoints(&policy.endpoints, &[]),
+        }
         service
     }
 
@@ -376,7 +407,8 @@ impl Snapshot {
         })
     }
 
-    /// Builds a snapshot; services whose policy is unchanged from `previous` keep their state (the same `Arc`).
+    /// Builds a snapshot; services whose policy is unchanged from `previous` keep their state (the same `Arc`),
+    /// and a discovered service whose policy changed keeps its discovered endpoints (`Service::rebuilt`).
     pub fn build(policy: &Policy, version: u64, previous: Option<&Snapshot>) -> Self {
         let services = policy
             .services
@@ -386,7 +418,10 @@ impl Snapshot {
                     .and_then(|prev| prev.services.get(name.as_str()))
                     .filter(|s| s.policy == *p)
                     .cloned();
-                let service = kept.unwrap_or_else(|| Arc::new(Service::new(name, p)));
+                let service = kept.unwrap_or_else(|| {
+                    let previous = previous.and_then(|prev| prev.services.get(name.as_str()));
+                    Arc::new(Service::rebuilt(name, p, previous.map(AsRef::as_ref)))
+                });
                 (Box::from(name.as_str()), service)
             })
             .collect();
@@ -458,5 +493,41 @@ mod tests {
         assert!(Arc::ptr_eq(&first.services["a"], &second.services["a"]));
         assert!(!Arc::ptr_eq(&first.services["b"], &second.services["b"]));
         assert_eq!(second.version, 2);
+    }
+
+    #[test]
+    fn a_discovered_service_keeps_its_endpoints_across_a_policy_edit() {
+        let policy = |timeout: &str, failures: u32| {
+            Policy::from_yaml(
+                "p",
+                &format!(
+                    "services:\n  a:\n    discovery:\n      hosts_file: /h.json\n    timeouts:\n      request: {timeout}\n    outlier_detection:\n      consecutive_failures: {failures}\n"
+                ),
+            )
+            .unwrap()
+        };
+        let first = Snapshot::from_policy(&policy("1s", 3));
+        let found = [
+            Upstream::parse_endpoint("h:1").unwrap(),
+            Upstream::parse_endpoint("h:2").unwrap(),
+        ];
+        let discovered =
+            first.with_service("a", Arc::new(first.services["a"].with_endpoints(&found)));
+
+        let edited = Snapshot::build(&policy("2s", 3), 2, Some(&discovered));
+        let (before, after) = (&discovered.services["a"], &edited.services["a"]);
+        assert_eq!(after.request_timeout(), Duration::from_secs(2));
+        assert!(
+            Arc::ptr_eq(&before.endpoints[1], &after.endpoints[1]),
+            "state kept"
+        );
+
+        let stricter = Snapshot::build(&policy("2s", 5), 3, Some(&edited));
+        let (before, after) = (&edited.services["a"], &stricter.services["a"]);
+        assert_eq!(after.endpoints.len(), 2, "still the discovered set");
+        assert!(
+            !Arc::ptr_eq(&before.endpoints[1], &after.endpoints[1]),
+            "new breakers"
+        );
     }
 }

@@ -27,22 +27,11 @@ use opentelemetry_sdk::trace::{
     SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 
-/// Spans dropped because the export queue was full.
-pub const DROPPED: &str = "sidecar_trace_spans_dropped_total";
-/// Spans handed to the exporter, by result.
-pub const EXPORTED: &str = "sidecar_trace_spans_exported_total";
+pub use crate::telemetry::names::{SPANS_DROPPED as DROPPED, SPANS_EXPORTED as EXPORTED};
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 512;
 const DELAY: Duration = Duration::from_millis(500);
-
-pub fn describe() {
-    metrics::describe_counter!(DROPPED, "Spans dropped because the export queue was full.");
-    metrics::describe_counter!(
-        EXPORTED,
-        "Spans handed to the OTLP exporter, by result (ok, error)."
-    );
-}
 
 /// The process's tracing, when configured.
 #[derive(Debug)]

@@ -483,11 +483,11 @@ async fn truncate_then_write_edits_under_steady_traffic_lose_no_request() {
     let dir = policy_dir("truncate");
     let file = dir.join("orders.yaml");
     std::fs::write(&file, orders_policy(&a)).unwrap();
-    let sidecar = Sidecar::start_source(sidecar::policy::store::PolicySource {
+    let sidecar = Sidecar::start_source(sidecar::control::store::PolicySource {
         policy: Some(file.clone()),
         watch: true,
         reload_debounce: Some(Duration::from_millis(50)),
-        ..sidecar::policy::store::PolicySource::default()
+        ..sidecar::control::store::PolicySource::default()
     });
     until_served_by(&sidecar, "A").await;
 
@@ -839,5 +839,46 @@ async fn a_worker_count_change_under_keep_alive_traffic_loses_nothing_for_a_clie
     }
     traffic.answered(100).await;
     assert!(traffic.finish().await >= 200);
+    sidecar.stop().await;
+}
+
+/// Regression (issue 16 item 5): a reload that changed the policy of a discovered service rebuilt it with its
+/// static endpoints (none), so it answered 503 `no-endpoints` until discovery published its set again, up to
+/// 200 ms later. The rebuilt service now keeps the endpoints discovery gave it.
+#[actix_rt::test]
+async fn editing_a_discovered_services_policy_under_steady_traffic_loses_no_request() {
+    const EDITS: u64 = 10;
+    let a = named("A").await;
+    let dir = policy_dir("discovered-edit");
+    let hosts = dir.join("hosts.json");
+    std::fs::write(&hosts, format!("[\"{}\"]", a.addr)).unwrap();
+    let file = dir.join("p.yaml");
+    let policy = |seconds: u64| {
+        format!(
+            "services:\n  orders:\n    discovery:\n      hosts_file: '{}'\n    timeouts:\n      request: {seconds}s\n",
+            hosts.display()
+        )
+    };
+    std::fs::write(&file, policy(10)).unwrap();
+    let sidecar = Sidecar::start_path(&file);
+    until_served_by(&sidecar, "A").await;
+
+    let traffic = Steady::raw(sidecar.addr, 4);
+    traffic.answered(50).await;
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    for edit in 1..=EDITS {
+        every.tick().await;
+        replace(&file, &policy(10 + edit));
+        let (status, report) = admin_json(&sidecar, "POST", "/admin/reload").await;
+        assert_eq!(
+            (status, &report["result"]),
+            (200, &"applied".into()),
+            "{report}"
+        );
+        // Requests right after the swap, before discovery's next tick could have put the endpoints back.
+        traffic.answered(20).await;
+    }
+    assert!(traffic.finish().await >= 50 + 20 * EDITS as usize);
+    let _ = std::fs::remove_dir_all(&dir);
     sidecar.stop().await;
 }

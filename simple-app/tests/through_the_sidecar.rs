@@ -11,8 +11,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sidecar::control::store::PolicySource;
 use sidecar::policy::Policy;
-use sidecar::policy::store::PolicySource;
 use sidecar::server::{self, Listeners, RunOptions};
 
 struct App(Child, SocketAddr);

@@ -1,15 +1,20 @@
 //! The request path: one app request in, one upstream request out, the upstream's response streamed back.
 //!
 //! Phases, in order (see `docs/request-path.md`):
-//! 1. **snapshot**: one `ArcSwap` load of the policy view;
+//! 1. **snapshot**: `ArcSwap` loads of the policy view: one for the access log settings when the request
+//!    arrives, one for routing (a reload in between can make them two versions), and one more per traced
+//!    attempt for the access log's `query` setting;
 //! 2. **guard**: head size limit;
 //! 3. **route**: `target` / `internal` headers or dispatch rules pick the upstream ([`super::route`]);
 //! 4. **rewrite**: upstream URI, hop-by-hop and sidecar headers removed, `Host`, patch, `X-Forwarded-For`;
 //! 5. **send**: the request body streams to the upstream with back pressure, under the request timeout;
 //! 6. **respond**: status and end-to-end headers relayed as they are, the body streamed with its framing.
 //!
-//! Any failure becomes a [`ProxyError`] response. No lock, no actor round trip, no header copy: the app's
-//! header map is moved into the upstream request and the upstream's into the response.
+//! Any failure becomes a [`ProxyError`] response. No actor round trip and no header copy: the app's header
+//! map is moved into the upstream request and the upstream's into the response. Not lock-free: a request
+//! may take the retry budget's `Mutex` (deposit, and withdraw on a retry), the breaker records' `Mutex`es of
+//! the service and the endpoint (outcomes, and admission while tripped), the URL authorities' `RwLock`
+//! (lookup, write on a new authority) and, under a keyed rate limit, that limiter's key map `RwLock`.
 
 use std::cell::Cell;
 use std::mem;
@@ -27,24 +32,23 @@ use actix_http::{Method, Payload, Request, RequestHead, Response, StatusCode};
 use awc::FrozenClientRequest;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, stream};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::headers::{append_forwarded_for, head_size, strip_hop_by_hop, strip_request};
 use super::route::{Dest, Targets, route};
-use super::target::Upstream;
 use crate::access_log::{Record, Sampler};
 use crate::balance::stable_hash;
 use crate::error::{Cause, ProxyError};
-use crate::policy::resilience::Retries;
-use crate::policy::resilience::{BalancerKind, HashKey};
+use crate::policy::traffic::Retries;
+use crate::policy::traffic::{BalancerKind, HashKey};
 use crate::resilience::Target;
 use crate::resilience::breaker::{Admit, Breaker, Ticket};
 use crate::resilience::limits::Overload;
 use crate::resilience::monitor;
 use crate::resilience::retry::{Attempt, backoff, idempotent, retry_after};
 use crate::snapshot::{InFlight, Service, SharedSnapshot};
-use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
+use crate::telemetry::{BytesIn, Counted, Hold, Instruments, RequestLabels, Timed, method_label};
 use crate::traces;
+use crate::upstream::Upstream;
 use metrics::SharedString;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
@@ -569,23 +573,6 @@ impl Forwarder {
             return Decision::Skip("budget_exhausted");
         }
         Decision::Retry(wait)
-    }
-}
-
-/// What the request holds until its response body ends.
-#[derive(Debug, Default)]
-pub struct Hold {
-    /// The target's concurrency slot.
-    pub permit: Option<OwnedSemaphorePermit>,
-    /// The server span, ended with the body.
-    pub trace: Option<Context>,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if let Some(cx) = self.trace.take() {
-            cx.span().end();
-        }
     }
 }
 

@@ -88,21 +88,9 @@ fn is_own_underscore_spelling(name: &HeaderName) -> bool {
             .all(|(&b, &own)| b == own || (own == b'-' && b == b'_'))
 }
 
-/// What the mesh hop does with a header whose name contains `_` (Envoy's `headers_with_underscores_action`,
-/// `mesh.headers_with_underscores`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum UnderscoreAction {
-    /// Remove it and count it in `sidecar_headers_dropped_total`.
-    #[default]
-    Drop,
-    /// Refuse the request: 400 `underscore-header`.
-    Reject,
-    /// Pass it on.
-    Allow,
-}
+pub use crate::policy::http::UnderscoreAction;
 
-/// Counts headers the mesh hop removed, by direction (`inbound`, `outbound`) and reason (`underscore`).
-pub const HEADERS_DROPPED: &str = "sidecar_headers_dropped_total";
+pub use crate::telemetry::names::HEADERS_DROPPED;
 
 /// Applies `action` to the header names with `_`: `Err` with the first such name when the action is
 /// [`UnderscoreAction::Reject`]. Costs one scan of the names; nothing is allocated when none has `_`.

@@ -1,7 +1,8 @@
 //! The data plane: route matching and forwarding.
 //!
-//! Owns: the request path ([`forward`]), route selection ([`route`]), upstream addresses ([`target`]), header
-//! hygiene ([`headers`]), path normalization for rules that match paths ([`path`]) and the per-worker upstream client ([`client`]). Does not own: policy state (read from
+//! Owns: the request path ([`forward`]), route selection ([`route`]), header hygiene ([`headers`]), path
+//! normalization for rules that match paths ([`path`]) and the per-worker upstream client ([`client`]); upstream
+//! addresses are values of their own ([`crate::upstream`]). Does not own: policy state (read from
 //! the [`crate::snapshot`]) or anything that needs a timer or a mailbox.
 //! Called by the egress listener built in [`crate::server`].
 
@@ -10,4 +11,3 @@ pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod route;
-pub mod target;

@@ -17,23 +17,7 @@ use std::borrow::Cow;
 use actix_http::Uri;
 use actix_http::uri::PathAndQuery;
 
-/// What to do with `%2F`, `%5C` and `\` in a path (Envoy's `path_with_escaped_slashes_action`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum EncodedSlashes {
-    /// 400 `bad-path`: an app or framework that decodes them would see other segments than authorization did.
-    #[default]
-    Reject,
-    /// Keep them as they are, inside their segment (neither decoded nor a separator).
-    Allow,
-}
-
-/// How paths are normalized (`mesh.inbound.paths`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PathOptions {
-    /// Merge runs of `/` into one before dot segments are removed (off by default, as in Envoy).
-    pub merge_slashes: bool,
-    pub encoded_slashes: EncodedSlashes,
-}
+pub use crate::policy::http::{EncodedSlashes, PathOptions};
 
 /// Why a path cannot be normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

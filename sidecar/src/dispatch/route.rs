@@ -12,10 +12,10 @@ use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
 use metrics::SharedString;
 
 use super::headers::{INTERNAL, TARGET};
-use super::target::Upstream;
 use crate::error::{Cause, ProxyError};
+use crate::fxhash::FxHashMap;
 use crate::snapshot::{Service, Snapshot};
-use crate::telemetry::FxHashMap;
+use crate::upstream::Upstream;
 
 /// Where one request goes and what is done to it on the way.
 #[derive(Debug)]

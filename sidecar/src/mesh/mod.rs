@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_http::body::{self, BodySize, EitherBody, SizedStream};
-use actix_http::header::{HOST, HeaderName, HeaderValue};
+use actix_http::header::{HOST, HeaderValue};
 use actix_http::{Payload, Request, Response};
 use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
@@ -35,23 +35,22 @@ use opentelemetry::trace::TraceContextExt;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log::{Record, Sampler};
-use crate::dispatch::forward::{Hold, ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
+use crate::dispatch::forward::{ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
 use crate::dispatch::headers::{UnderscoreAction, strip_request, underscores};
 use crate::dispatch::path::{self, PathOptions};
-use crate::dispatch::target::Upstream;
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Inbound, Mesh, UpstreamSettings};
 use crate::resilience::limits::{Concurrency, RateLimit};
 use crate::snapshot::SharedSnapshot;
+use crate::telemetry::Hold;
 use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
 use crate::traces;
+use crate::upstream::Upstream;
 
-mod tls;
-pub use tls::{CertWatcher, Identity, Prepared, describe};
+pub mod tls;
+pub use tls::{Identity, Prepared};
 
-/// The verified identity of the peer sidecar, on every request the app receives through the mesh. The same
-/// header arriving from outside is removed.
-pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-sidecar-peer-identity");
+pub use crate::policy::http::PEER_IDENTITY;
 
 /// The `service` label, access log field and error target of requests the inbound listener serves.
 const INBOUND: &str = "inbound";
@@ -171,8 +170,8 @@ struct Limits {
     concurrency: Option<Concurrency>,
     /// What they were made from, to tell whether a reload changes them.
     policies: (
-        Option<crate::policy::resilience::RateLimitPolicy>,
-        Option<crate::policy::resilience::ConcurrencyPolicy>,
+        Option<crate::policy::traffic::RateLimitPolicy>,
+        Option<crate::policy::traffic::ConcurrencyPolicy>,
     ),
 }
 

@@ -1,7 +1,8 @@
 //! The mesh's certificates: read from PEM files, checked, and swapped in while the sidecar runs.
 //!
 //! Owns: this sidecar's [`Identity`] (the mesh CA bundle, its certificate chain and key), the rustls
-//! configurations built on it, and the [`CertWatcher`] actor that re-reads the files every second. A new set of
+//! configurations built on it; the actor that re-reads the files every second is
+//! [`crate::control::cert_watcher`]. A new set of
 //! files is used only when all three parse, the key matches the certificate, the certificate names this
 //! sidecar's SPIFFE identity and chains to the (new) CA bundle, and it is valid now; anything else — a
 //! half-written file, a key written before its certificate, a certificate from a CA the bundle does not hold
@@ -14,9 +15,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use actix::{Actor, AsyncContext, Context};
 use anyhow::{Context as _, bail};
 use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -31,25 +31,7 @@ use serde::Serialize;
 
 use crate::policy::Mesh;
 
-/// Seconds until a certificate expires (negative once it has): this sidecar's, and the CA bundle's soonest.
-pub const EXPIRY: &str = "sidecar_mesh_certificate_expiry_seconds";
-/// Certificate files read anew, by result (`applied`, `rejected`).
-pub const RELOADS: &str = "sidecar_mesh_certificate_reloads_total";
-
-pub fn describe() {
-    metrics::describe_gauge!(
-        EXPIRY,
-        metrics::Unit::Seconds,
-        "Seconds until a mesh certificate expires (negative once it has); certificate=identity|ca."
-    );
-    metrics::describe_counter!(
-        RELOADS,
-        "Mesh certificate files read anew after a change, by result (applied, rejected)."
-    );
-}
-
-/// How often the certificate files are compared with the ones in use.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+pub use crate::telemetry::names::{CERT_EXPIRY as EXPIRY, CERT_RELOADS as RELOADS};
 
 /// One consistent set of mesh TLS material, with what the admin state shows of it.
 #[derive(Debug)]
@@ -247,7 +229,7 @@ impl Identity {
         self.reloads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish_expiry(&self) {
+    pub fn publish_expiry(&self) {
         let material = self.current.load();
         let now = unix_now();
         metrics::gauge!(EXPIRY, "certificate" => "identity")
@@ -567,20 +549,5 @@ impl ServerCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// Re-reads the certificate files every second and republishes the seconds to expiry.
-#[derive(Debug)]
-pub struct CertWatcher(pub Arc<Identity>);
-
-impl Actor for CertWatcher {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(WATCH_INTERVAL, |this, _| {
-            this.0.refresh();
-            this.0.publish_expiry();
-        });
     }
 }

@@ -7,22 +7,24 @@
 
 pub mod duration;
 pub mod egress;
+mod errors;
+pub mod http;
 pub mod locate;
 mod prescan;
 mod raw;
-pub mod resilience;
 pub mod seed;
-pub mod store;
+pub mod traffic;
 pub mod units;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::dispatch::target::Upstream;
+use crate::upstream::Upstream;
 pub use egress::{AllowList, Egress, Roots};
+pub use errors::PolicyErrors;
+use errors::{Sources, yaml_error};
 pub use seed::DispatchRules;
 
 /// The default policy, embedded in the binary so `sidecar` runs with no files at all.
@@ -65,7 +67,7 @@ pub struct Mesh {
     /// Accept TLS 1.2 too (TLS 1.3 only otherwise).
     pub tls12: bool,
     /// What the mesh hop (both directions) does with header names that contain `_`.
-    pub headers_with_underscores: crate::dispatch::headers::UnderscoreAction,
+    pub headers_with_underscores: crate::policy::http::UnderscoreAction,
     pub inbound: Option<Inbound>,
 }
 
@@ -78,11 +80,11 @@ pub struct Inbound {
     /// Allow rules: once there is one, a request no rule allows is denied (403 `forbidden`).
     pub authorization: Option<Vec<AllowRule>>,
     /// Requests per peer identity (unless keyed otherwise); 429 `rate-limited` beyond.
-    pub rate_limit: Option<resilience::RateLimitPolicy>,
+    pub rate_limit: Option<traffic::RateLimitPolicy>,
     /// Requests in flight to the app, and a bounded queue; 503 `overloaded` beyond.
-    pub concurrency: Option<resilience::ConcurrencyPolicy>,
+    pub concurrency: Option<traffic::ConcurrencyPolicy>,
     /// How request paths are normalized before authorization and forwarding.
-    pub paths: crate::dispatch::path::PathOptions,
+    pub paths: crate::policy::http::PathOptions,
 }
 
 /// Who may call which methods and paths of the local app.
@@ -137,7 +139,7 @@ pub struct UpstreamSettings {
     /// Upstream connections per worker (0: no limit).
     pub max_connections: usize,
     /// Retries, breaker, limits for URL targets and dispatch destinations; the base of every service's.
-    pub resilience: resilience::Resilience,
+    pub resilience: traffic::Resilience,
 }
 
 /// Request timeouts.
@@ -157,7 +159,7 @@ pub struct ServicePolicy {
     /// Time allowed until the response head, all attempts included; the default's when not set.
     pub request_timeout: Duration,
     /// The defaults' resilience with this service's overrides.
-    pub resilience: resilience::Resilience,
+    pub resilience: traffic::Resilience,
     /// Where endpoints come from besides `endpoints` (which serve until the first answer).
     pub discovery: Option<Discovery>,
     /// Active health checks of the endpoints.
@@ -195,101 +197,6 @@ pub enum DiscoverySource {
     Srv { name: String },
     /// A JSON array of `"host:port"` (the ringpop seed's hosts file), re-read when it changes.
     HostsFile { path: PathBuf },
-}
-
-/// Every problem found in a policy, each on its own line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyErrors {
-    pub errors: Vec<String>,
-}
-
-impl fmt::Display for PolicyErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            f.write_str(e)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PolicyErrors {}
-
-impl PolicyErrors {
-    fn one(message: impl Into<String>) -> Self {
-        Self {
-            errors: vec![message.into()],
-        }
-    }
-
-    /// Renders issues as `file:line:column: field: reason`, finding each field in its file's text.
-    pub(crate) fn render(issues: Vec<Issue>, sources: &Sources) -> Self {
-        let errors = issues
-            .into_iter()
-            .map(|i| {
-                let position = sources
-                    .text(&i.file)
-                    .and_then(|t| locate::locate(t, &i.path));
-                match position {
-                    Some(p) => format!(
-                        "{}:{}:{}: {}: {}",
-                        i.file, p.line, p.column, i.path, i.message
-                    ),
-                    None => format!("{}: {}: {}", i.file, i.path, i.message),
-                }
-            })
-            .collect();
-        Self { errors }
-    }
-}
-
-/// One problem found after parsing: the file, the field path and the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Issue {
-    pub file: String,
-    pub path: String,
-    pub message: String,
-}
-
-impl Issue {
-    pub fn new(file: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            file: file.to_string(),
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// The texts of the files a policy was read from, by the name used in messages.
-#[derive(Debug, Default)]
-pub(crate) struct Sources(Vec<(String, String)>);
-
-impl Sources {
-    pub fn one(name: &str, text: &str) -> Self {
-        Self(vec![(name.to_string(), text.to_string())])
-    }
-
-    fn text(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.as_str())
-    }
-
-    /// FNV-1a over names and contents: stable across builds and machines.
-    fn hash(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for (name, text) in &self.0 {
-            for b in name.bytes().chain([0]).chain(text.bytes()).chain([0]) {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        h
-    }
 }
 
 impl Policy {
@@ -346,7 +253,7 @@ impl Policy {
                 }
                 Err(e) => errors.extend(e.errors),
             }
-            sources.0.push((name, text));
+            sources.push(name, text);
         }
         let source = path.display().to_string();
         let validated = match merged.unwrap_or_default().validate(&source) {
@@ -376,7 +283,7 @@ impl Policy {
         // contents with an old hash.
         let rules = DispatchRules::from_seed_yaml(&name, &text)?;
         let mut mixed = Sources::one(&name, &text);
-        mixed.0.push((String::new(), self.hash.to_string()));
+        mixed.push(String::new(), self.hash.to_string());
         self.hash = mixed.hash();
         if self.dispatch.is_some() {
             return Err(PolicyErrors::one(format!(
@@ -414,62 +321,6 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyErrors> {
         )));
     }
     Ok(files)
-}
-
-/// Formats a YAML/serde error as `file:line:column: message`.
-pub(crate) fn yaml_error(source: &str, e: &yaml_serde::Error) -> PolicyErrors {
-    let message = e.to_string();
-    // yaml_serde appends " at line L column C" to its message; we lead with it instead.
-    let mut message = match message.rfind(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message,
-    };
-    if let Some(hint) = did_you_mean(&message) {
-        message.push_str(&format!("; did you mean `{hint}`?"));
-    }
-    match e.location() {
-        Some(loc) => PolicyErrors::one(format!(
-            "{source}:{}:{}: {message}",
-            loc.line(),
-            loc.column()
-        )),
-        None => PolicyErrors::one(format!("{source}: {message}")),
-    }
-}
-
-/// For serde's "unknown field `x`, expected one of `a`, `b`" message: the expected name closest to `x`, when
-/// one is close enough to be a typo.
-fn did_you_mean(message: &str) -> Option<String> {
-    let rest = message.split("unknown field `").nth(1)?;
-    let (unknown, expected) = rest.split_once('`')?;
-    expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|candidate| (edit_distance(unknown, candidate), candidate))
-        .filter(|&(d, c)| d > 0 && d <= 2.max(c.len() / 3))
-        .min_by_key(|&(d, _)| d)
-        .map(|(_, c)| c.to_string())
-}
-
-/// Levenshtein distance, for typo hints.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                diagonal
-            } else {
-                1 + diagonal.min(above).min(row[j])
-            };
-            diagonal = above;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -545,13 +396,13 @@ mod tests {
         let m = ok.mesh.unwrap();
         assert_eq!(
             m.headers_with_underscores,
-            crate::dispatch::headers::UnderscoreAction::Reject
+            crate::policy::http::UnderscoreAction::Reject
         );
         let paths = m.inbound.unwrap().paths;
         assert!(paths.merge_slashes);
         assert_eq!(
             paths.encoded_slashes,
-            crate::dispatch::path::EncodedSlashes::Allow
+            crate::policy::http::EncodedSlashes::Allow
         );
         let err = Policy::from_yaml(
             "p.yaml",
@@ -582,7 +433,7 @@ mod tests {
     #[test]
     fn the_embedded_default_spells_out_the_built_in_resilience() {
         let p = Policy::embedded_default().unwrap();
-        assert_eq!(p.upstream.resilience, resilience::Resilience::default());
+        assert_eq!(p.upstream.resilience, traffic::Resilience::default());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! less than the parser's depth for some block styles, never more than one level per real level, so the limit
 //! refuses only documents no operator writes.
 
-use super::PolicyErrors;
+use super::errors::PolicyErrors;
 
 /// Nesting deeper than this is refused before parsing. Real policies stay under ten levels.
 pub const MAX_DEPTH: usize = 64;

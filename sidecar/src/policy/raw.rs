@@ -6,18 +6,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::resilience::{
+use super::errors::Issue;
+use super::http::{EncodedSlashes, PathOptions, UnderscoreAction};
+use super::seed::RawDispatch;
+use super::traffic::{
     RawBalancer, RawBreaker, RawConcurrency, RawOutliers, RawRateLimit, RawResilience, RawRetries,
 };
-use super::seed::RawDispatch;
 use super::{
-    AllowRule, Discovery, DiscoverySource, HealthCheck, Inbound, Issue, Listeners, Mesh, Policy,
+    AllowRule, Discovery, DiscoverySource, HealthCheck, Inbound, Listeners, Mesh, Policy,
     ServicePolicy, Timeouts, UpstreamSettings, duration, units,
 };
 use crate::access_log::AccessLogPolicy;
-use crate::dispatch::headers::UnderscoreAction;
-use crate::dispatch::path::{EncodedSlashes, PathOptions};
-use crate::dispatch::target::Upstream;
+use crate::upstream::Upstream;
 
 const DEFAULT_EGRESS: &str = "127.0.0.1:5000";
 const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
@@ -84,8 +84,8 @@ struct RawInbound {
     #[serde(default, with = "duration::serde_opt")]
     request_timeout: Option<Duration>,
     authorization: Option<Vec<RawAllow>>,
-    rate_limit: Option<super::resilience::RawRateLimit>,
-    concurrency: Option<super::resilience::RawConcurrency>,
+    rate_limit: Option<super::traffic::RawRateLimit>,
+    concurrency: Option<super::traffic::RawConcurrency>,
     paths: Option<RawPaths>,
 }
 
@@ -874,7 +874,7 @@ fn validate_mesh(
                     })
                     .collect()
             });
-            let (rate_limit, concurrency) = super::resilience::validate_inbound_limits(
+            let (rate_limit, concurrency) = super::traffic::validate_inbound_limits(
                 i.rate_limit.as_ref(),
                 i.concurrency.as_ref(),
                 &mut |field, why| {

@@ -24,9 +24,9 @@ use actix_http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{Issue, PolicyErrors, Sources};
-use crate::dispatch::target::Upstream;
-use crate::telemetry::FxHashMap;
+use super::errors::{Issue, PolicyErrors, Sources, yaml_error};
+use crate::fxhash::FxHashMap;
+use crate::upstream::Upstream;
 
 /// Compiled dispatch rules: header lookups and pre-parsed destinations, ready for the request path.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ impl DispatchRules {
     /// Parses the seed dispatcher format.
     pub fn from_seed_yaml(source: &str, text: &str) -> Result<Self, PolicyErrors> {
         let raw: RawDispatch = super::prescan::check_depth(source, text)
-            .and_then(|()| yaml_serde::from_str(text).map_err(|e| super::yaml_error(source, &e)))?;
+            .and_then(|()| yaml_serde::from_str(text).map_err(|e| yaml_error(source, &e)))?;
         raw.validate(source, "")
             .map_err(|issues| PolicyErrors::render(issues, &Sources::one(source, text)))
     }

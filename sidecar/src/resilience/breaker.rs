@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::monitor::{self, Scope};
-use crate::policy::resilience::{BreakerPolicy, FailureRate};
+use crate::policy::traffic::{BreakerPolicy, FailureRate};
 
 /// The failure-rate window is kept as this many buckets; the oldest expires as time moves on, so the share
 /// is over the last `window` give or take one bucket (a tenth).

@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::policy::resilience::BudgetPolicy;
+use crate::policy::traffic::BudgetPolicy;
 
 /// The window is kept as this many slots; the oldest expires as time moves on.
 const SLOTS: usize = 10;

@@ -19,8 +19,8 @@ use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::FxHashMap;
-use crate::policy::resilience::{ConcurrencyPolicy, LimitKey, RateLimitPolicy};
+use crate::fxhash::FxHashMap;
+use crate::policy::traffic::{ConcurrencyPolicy, LimitKey, RateLimitPolicy};
 
 /// The in-flight limit of one target, with a bounded queue in front of it.
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 //! or by dispatch rules ([`Authorities`]). The state is built from the policy and carried across reloads while
 //! the target's policy is unchanged. The request path enforces it with atomics and short uncontended locks,
 //! never an actor round trip; the [`monitor`] actor reports transitions and runs the timers.
-//! Does not own: the policy's shape and defaults ([`crate::policy::resilience`]), or the forwarding loop that
+//! Does not own: the policy's shape and defaults ([`crate::policy::traffic`]), or the forwarding loop that
 //! uses all this ([`crate::dispatch::forward`]).
 
 pub mod breaker;
@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use metrics::SharedString;
 
-use crate::policy::resilience::Resilience;
-pub(crate) use crate::telemetry::FxHashMap;
+use crate::fxhash::FxHashMap;
+use crate::policy::traffic::Resilience;
 use breaker::Breaker;
 use budget::RetryBudget;
 use limits::{Concurrency, RateLimit};

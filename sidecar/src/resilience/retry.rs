@@ -8,7 +8,7 @@ use actix_http::Method;
 use actix_http::header::{HeaderMap, HttpDate, RETRY_AFTER};
 
 use crate::error::Cause;
-use crate::policy::resilience::Retries;
+use crate::policy::traffic::Retries;
 
 /// How one attempt ended, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +126,7 @@ pub fn random_below(bound: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::resilience::Resilience;
+    use crate::policy::traffic::Resilience;
 
     #[test]
     fn backoff_is_jittered_under_a_growing_ceiling() {

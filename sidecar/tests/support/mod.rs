@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sidecar::control::store::PolicySource;
 use sidecar::policy::Policy;
-use sidecar::policy::store::PolicySource;
 use sidecar::server::{self, RunOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,7 +115,7 @@ impl Sidecar {
         }
     }
 
-    pub fn policy(&self) -> &sidecar::policy::store::PolicyHandle {
+    pub fn policy(&self) -> &sidecar::control::store::PolicyHandle {
         &self.running.policy
     }
 

@@ -15,7 +15,7 @@ use actix::prelude::*;
 use notify::Watcher;
 use serde::Serialize;
 
-use super::{Policy, PolicyErrors};
+use crate::policy::{Policy, PolicyErrors};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// Events closer together than this are one change (editors write a file in several steps): a changed file is
@@ -455,9 +455,10 @@ fn needs_restart(running: &Policy, next: &Policy) -> Vec<String> {
     }
     // The certificates' contents are watched by the mesh itself; its listener and file names are not.
     let (a, b) = (running.mesh.as_ref(), next.mesh.as_ref());
-    let inbound = |m: Option<&super::Mesh>| m.map(|m| m.inbound.clone());
-    let files =
-        |m: Option<&super::Mesh>| m.map(|m| (m.ca.clone(), m.cert.clone(), m.key.clone(), m.tls12));
+    let inbound = |m: Option<&crate::policy::Mesh>| m.map(|m| m.inbound.clone());
+    let files = |m: Option<&crate::policy::Mesh>| {
+        m.map(|m| (m.ca.clone(), m.cert.clone(), m.key.clone(), m.tls12))
+    };
     if a.is_some() != b.is_some() || inbound(a) != inbound(b) || files(a) != files(b) {
         out.push(
             "mesh: the inbound listener, files or TLS versions changed (restart to apply)".into(),

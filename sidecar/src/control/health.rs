@@ -20,18 +20,10 @@ use actix::prelude::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 use crate::policy::UpstreamSettings;
 use crate::snapshot::{Endpoint, SharedSnapshot};
 
-/// Health check results by service and result (`healthy`, `unhealthy`: transitions only).
-pub const TRANSITIONS: &str = "sidecar_health_check_transitions_total";
+pub use crate::telemetry::names::HEALTH_TRANSITIONS as TRANSITIONS;
 
 /// How often the endpoint set is compared with the snapshot's (new endpoints get their first check then).
 const TICK: Duration = Duration::from_millis(100);
-
-pub fn describe() {
-    metrics::describe_counter!(
-        TRANSITIONS,
-        "Endpoints marked healthy or unhealthy by active health checks."
-    );
-}
 
 /// The actor.
 pub struct HealthChecker {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use actix_http::header::HeaderName;
 use serde::Deserialize;
 
-use super::{Issue, duration, units};
+use super::errors::Issue;
+use super::{duration, units};
 
 const DEFAULT_MAX_RETRIES: u32 = 2;
 const DEFAULT_MAX_BODY: u64 = 64 << 10;
@@ -634,7 +635,7 @@ pub(super) fn validate_inbound_limits(
     let by_peer = rate_limit.map(|raw| {
         let mut raw = raw.clone();
         if matches!(raw.key.as_deref().map(str::trim), None | Some("peer")) {
-            raw.key = Some(format!("header:{}", crate::mesh::PEER_IDENTITY.as_str()));
+            raw.key = Some(format!("header:{}", super::http::PEER_IDENTITY.as_str()));
         }
         raw
     });

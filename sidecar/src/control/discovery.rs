@@ -3,8 +3,9 @@
 //!
 //! Owns: the resolver, each source's schedule (re-resolved when its answer's TTL expires, within the
 //! service's `min_ttl`..`max_ttl`) and its last good answer, which survives any failure. Does not own: how
-//! endpoints are chosen ([`crate::balance`]) or the policy (a reload that rebuilds a service resets its
-//! endpoints to the static ones; the next tick publishes the last good answer again).
+//! endpoints are chosen ([`crate::balance`]) or the policy (a reload that rebuilds a service keeps the
+//! endpoints published here while its discovery source is unchanged, see [`crate::snapshot::Snapshot::build`];
+//! each tick publishes the last good answer again in case a rebuild did not).
 //!
 //! The request path only reads the snapshot; this actor replaces one service at a time in it, on the same
 //! arbiter as the policy store, so the two never interleave.
@@ -21,27 +22,16 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 
-use crate::dispatch::target::Upstream;
 use crate::policy::{Discovery as Spec, DiscoverySource};
 use crate::snapshot::SharedSnapshot;
+use crate::upstream::Upstream;
 
-/// Discovery results by service and result (`changed`, `unchanged`, `failed`).
-pub const UPDATES: &str = "sidecar_discovery_updates_total";
-/// Endpoints a service has now.
-pub const ENDPOINTS: &str = "sidecar_service_endpoints";
+pub use crate::telemetry::names::{DISCOVERY_UPDATES as UPDATES, SERVICE_ENDPOINTS as ENDPOINTS};
 
 /// How often sources are checked for being due (and hosts files for changes).
 const TICK: Duration = Duration::from_millis(200);
 /// The longest one resolution may take.
 const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
-
-pub fn describe() {
-    metrics::describe_counter!(
-        UPDATES,
-        "Service discovery answers by result (changed, unchanged, failed)."
-    );
-    metrics::describe_gauge!(ENDPOINTS, "Endpoints each service has now.");
-}
 
 /// The actor.
 pub struct Discovery {

@@ -10,8 +10,6 @@
 //! [`MAX_PEER_LABELS`] distinct values, then `other`). Never a raw path or a peer address.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::OnceLock;
@@ -26,19 +24,13 @@ use metrics::{Gauge, Histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::access_log::{self, Record};
+use crate::fxhash::FxHashMap;
 
-/// Requests the sidecar receives, until their response body ends.
-pub const SERVER_DURATION: &str = "http_server_request_duration_seconds";
-/// Each upstream attempt, until the upstream's response head.
-pub const CLIENT_DURATION: &str = "http_client_request_duration_seconds";
-/// Requests being served now.
-pub const ACTIVE_REQUESTS: &str = "http_server_active_requests";
-/// Policy reloads by result (`applied`, `unchanged`, `rejected`).
-pub const POLICY_RELOADS: &str = "sidecar_policy_reloads_total";
-/// The active policy version.
-pub const POLICY_VERSION: &str = "sidecar_policy_version";
-/// Always 1, labelled with the build's version.
-pub const BUILD_INFO: &str = "sidecar_build_info";
+pub mod names;
+
+pub use names::{
+    ACTIVE_REQUESTS, BUILD_INFO, CLIENT_DURATION, POLICY_RELOADS, POLICY_VERSION, SERVER_DURATION,
+};
 
 /// Latency buckets in seconds, from 0.5 ms (a loopback hop) to 30 s.
 const BUCKETS: &[f64] = &[
@@ -64,7 +56,7 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
-                    describe();
+                    names::describe();
                     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
                     Some(handle)
                 }
@@ -75,37 +67,6 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
-}
-
-/// Help texts, as Prometheus shows them.
-fn describe() {
-    use metrics::Unit;
-    metrics::describe_histogram!(
-        SERVER_DURATION,
-        Unit::Seconds,
-        "Requests the sidecar received, from arrival until the response body ended."
-    );
-    metrics::describe_histogram!(
-        CLIENT_DURATION,
-        Unit::Seconds,
-        "Upstream attempts, from sending until the response head (or the failure)."
-    );
-    metrics::describe_gauge!(ACTIVE_REQUESTS, "Requests being served now.");
-    metrics::describe_counter!(
-        POLICY_RELOADS,
-        "Policy reloads by result (applied, unchanged, rejected)."
-    );
-    metrics::describe_gauge!(POLICY_VERSION, "The version of the policy serving now.");
-    metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels name the build.");
-    crate::resilience::monitor::describe();
-    crate::discovery::describe();
-    crate::mesh::describe();
-    crate::health::describe();
-    crate::traces::describe();
-    metrics::describe_counter!(
-        access_log::DROPPED,
-        "Access log lines dropped because the writer fell behind."
-    );
 }
 
 /// The Prometheus text exposition of every metric, histograms drained first so a scrape is current.
@@ -413,35 +374,6 @@ impl Instruments {
     }
 }
 
-/// Fx hashing (rustc's): the keys are a short string and three addresses, so a fast hasher is enough.
-#[derive(Debug, Default)]
-pub struct FxHasher(u64);
-
-/// A map whose keys come from the operator's policy or this worker's own traffic, hashed with [`FxHasher`].
-pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// The in-flight gauge, counted down on drop.
 #[derive(Debug)]
 pub struct InFlight(Gauge);
@@ -449,6 +381,23 @@ pub struct InFlight(Gauge);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+/// What the request holds until its response body ends.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// The target's concurrency slot.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The server span, ended with the body.
+    pub trace: Option<opentelemetry::Context>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(cx) = self.trace.take() {
+            opentelemetry::trace::TraceContextExt::span(&cx).end();
+        }
     }
 }
 
@@ -462,7 +411,7 @@ pub struct Timed<B> {
     log: Option<(Record, BytesIn)>,
     bytes_out: u64,
     /// Whatever the request holds until its body ends (its concurrency slot).
-    _hold: crate::dispatch::forward::Hold,
+    _hold: Hold,
 }
 
 impl<B> std::fmt::Debug for Timed<B> {
@@ -478,7 +427,7 @@ impl<B> Timed<B> {
         started: Instant,
         in_flight: InFlight,
         log: Option<(Record, BytesIn)>,
-        hold: crate::dispatch::forward::Hold,
+        hold: Hold,
     ) -> Self {
         Self {
             inner,
