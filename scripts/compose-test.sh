@@ -100,7 +100,7 @@ print(f"orders-sidecar: container started to listening in {(ready - started).tot
 PY
 
 docker stats --no-stream --format '{{.Name}}: {{.MemUsage}}' \
-    "$(dc ps -q orders)" "$sidecar_id" "$(dc ps -q orders-app)" | sed "s/^$project_//"
+    "$(dc ps -q orders)" "$sidecar_id" "$(dc ps -q orders-app)" | sed "s/^${project}_//"
 
 step "an edit of a policy file on the host takes effect without a restart"
 policy="$work/policies/payments/sidecar.yaml"
