@@ -285,20 +285,9 @@ async fn mesh_state(sidecar: &Sidecar) -> serde_json::Value {
     reply.json()
 }
 
-/// Polls `/admin/mesh` until `ready` holds of it (at most 10 s: the files are re-read every second).
+/// Polls `/admin/mesh` until `ready` holds of it (the files are re-read every second).
 async fn until_mesh(sidecar: &Sidecar, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let state = mesh_state(sidecar).await;
-        if ready(&state) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within 10 s; /admin/mesh says {state}"
-        );
-        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    support::eventually(what, || async { ready(&mesh_state(sidecar).await) }).await;
 }
 
 /// The serial of the certificate a new TLS connection to `addr` is shown (a resumed session shows the one of
@@ -692,14 +681,10 @@ async fn a_moved_inbound_listener_serves_mtls_on_the_new_port_and_the_old_port_r
     let ca = pki.dir.join("ca.pem");
     assert!(call(&connector(&ca, None), new, "").await.is_err());
     // The old port refuses connections once its server has stopped accepting.
-    let deadline = std::time::Instant::now() + support::DEADLINE;
-    while TcpStream::connect(old).await.is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old inbound port still accepts connections"
-        );
-        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    support::eventually("the old inbound port refuses connections", || async {
+        TcpStream::connect(old).await.is_err()
+    })
+    .await;
     assert_eq!(app.received().len(), 2);
     sidecar.stop().await;
 }

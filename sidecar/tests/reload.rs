@@ -53,23 +53,16 @@ async fn admin_json(sidecar: &Sidecar, method: &str, path: &str) -> (u16, serde_
 
 /// Sends requests to `orders` until the answer is `want`, within the deadline.
 async fn until_served_by(sidecar: &Sidecar, want: &str) {
-    let start = Instant::now();
-    loop {
+    support::eventually("the new policy applied", || async {
         let reply = get(
             sidecar.addr,
             "/",
             &[("target", "orders"), ("internal", "true")],
         )
         .await;
-        if reply.status == 200 && reply.text() == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the new policy was never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        reply.status == 200 && reply.text() == want
+    })
+    .await;
 }
 
 #[actix_rt::test]
