@@ -70,6 +70,35 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record of a request as it arrives at a listener (`direction`), before anything is known of its
+    /// outcome; `query` is the policy's `access_log.query`.
+    pub fn arriving(
+        req: &actix_http::Request,
+        direction: &'static str,
+        service: SharedString,
+        query: bool,
+        trace_id: Option<String>,
+        peer: Option<std::sync::Arc<str>>,
+    ) -> Self {
+        Self {
+            time: SystemTime::now(),
+            method: req.method().clone(),
+            service,
+            uri: req.uri().clone(),
+            query,
+            status: 0,
+            upstream: None,
+            attempts: 0,
+            duration: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            trace_id,
+            direction,
+            peer,
+        }
+    }
+
     /// Appends the record as one JSON line, without building an intermediate value.
     fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":\"");

@@ -1,9 +1,8 @@
 //! The request path: one app request in, one upstream request out, the upstream's response streamed back.
 //!
 //! Phases, in order (see `docs/request-path.md`):
-//! 1. **snapshot**: `ArcSwap` loads of the policy view: one for the access log settings when the request
-//!    arrives, one for routing (a reload in between can make them two versions), and one more per traced
-//!    attempt for the access log's `query` setting;
+//! 1. **snapshot**: two `ArcSwap` loads of the policy view: one for the access log settings when the request
+//!    arrives, one for routing (a reload in between can make them two versions);
 //! 2. **guard**: head size limit;
 //! 3. **route**: `target` / `internal` headers or dispatch rules pick the upstream ([`super::route`]);
 //! 4. **rewrite**: upstream URI, hop-by-hop and sidecar headers removed, `Host`, patch, `X-Forwarded-For`;
@@ -21,7 +20,7 @@ use std::mem;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix_http::body::{self, BodySize, BodyStream, BoxBody, EitherBody, MessageBody, SizedStream};
 use actix_http::error::PayloadError;
@@ -170,22 +169,15 @@ impl Forwarder {
         let trace = traces::get().and_then(|t| traces::server_span(t, &req, "http"));
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;
-        let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
-            time: SystemTime::now(),
-            method: req.method().clone(),
-            service: SharedString::const_str("none"),
-            uri: req.uri().clone(),
-            query: log.query,
-            status: 0,
-            upstream: None,
-            attempts: 0,
-            duration: Duration::ZERO,
-            bytes_in: 0,
-            bytes_out: 0,
-            error: None,
-            trace_id: trace.as_ref().and_then(traces::trace_id),
-            direction: "egress",
-            peer: None,
+        let mut record = (log.enabled && self.sampler.sample(log.sample)).then(|| {
+            Record::arriving(
+                &req,
+                "egress",
+                SharedString::const_str("none"),
+                log.query,
+                trace.as_ref().and_then(traces::trace_id),
+                None,
+            )
         });
         let mut labels = RequestLabels {
             service: SharedString::const_str("none"),
@@ -341,6 +333,7 @@ impl Forwarder {
                 target,
                 deadline: started + route.request_timeout,
                 timeout: route.request_timeout,
+                span_query: snapshot.access_log.query,
             };
             (plan, headers)
         };
@@ -438,8 +431,8 @@ impl Forwarder {
                 Some(p) if p < remaining => (p, true),
                 _ => (remaining, false),
             };
-            let query = trace.is_some() && self.snapshot.load().access_log.query;
-            let attempt_span = trace.map(|cx| client_span(cx, &frozen, labels.attempts, query));
+            let attempt_span =
+                trace.map(|cx| client_span(cx, &frozen, labels.attempts, plan.span_query));
             let sending = match &attempt_span {
                 Some(cx) => {
                     // Each attempt is its own span: the upstream sees it as its parent.
@@ -660,6 +653,8 @@ struct Plan {
     hash: Option<u64>,
     /// For a `mesh: true` service: its name and this sidecar's mesh settings.
     mesh: Option<(Arc<str>, Arc<crate::policy::Mesh>)>,
+    /// Whether attempt spans may carry the query (`access_log.query`), as the routing snapshot says.
+    span_query: bool,
 }
 
 enum Upstreams {

@@ -14,7 +14,7 @@ use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix_http::body::{self, BodySize, EitherBody, SizedStream};
 use actix_http::header::{HOST, HeaderValue};
@@ -278,22 +278,15 @@ impl Worker {
         }
         let in_flight = self.instruments.in_flight();
         let log = self.snapshot.load().access_log;
-        let record = (log.enabled && self.sampler.sample(log.sample)).then(|| Record {
-            time: SystemTime::now(),
-            method: req.method().clone(),
-            service: SharedString::const_str(INBOUND),
-            uri: req.uri().clone(),
-            query: log.query,
-            status: 0,
-            upstream: None,
-            attempts: 0,
-            duration: Duration::ZERO,
-            bytes_in: 0,
-            bytes_out: 0,
-            error: None,
-            trace_id: trace.as_ref().and_then(traces::trace_id),
-            direction: INBOUND,
-            peer: peer.id.clone(),
+        let record = (log.enabled && self.sampler.sample(log.sample)).then(|| {
+            Record::arriving(
+                &req,
+                INBOUND,
+                SharedString::const_str(INBOUND),
+                log.query,
+                trace.as_ref().and_then(traces::trace_id),
+                peer.id.clone(),
+            )
         });
         let bytes_in = match request_body(req.head()) {
             BodySize::Sized(n) => BytesIn::Known(n),
