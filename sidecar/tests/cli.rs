@@ -143,8 +143,11 @@ async fn sidecar_port_accepts_the_seed_form_with_a_colon() {
     let upstream = RawUpstream::ok().await;
     let port = support::process::free_port();
     let mut cmd = sidecar_bin();
+    // The admin listener on a port of its own: a sidecar already running on this machine (the README's first
+    // command) holds the default 9901.
     cmd.env("SIDECAR_PORT", format!(":{port}"))
-        .env_remove("SIDECAR_CONFIG");
+        .env_remove("SIDECAR_CONFIG")
+        .args(["--admin", "127.0.0.1:0"]);
     let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
     struct Kill(std::process::Child);
     impl Drop for Kill {
