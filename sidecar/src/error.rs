@@ -3,6 +3,7 @@
 //! Every such response carries `x-sidecar-error: <cause>` and a short JSON body naming the cause and the target,
 //! so an app (or its operator) can always tell a sidecar failure from an upstream answer. None is ever a 2xx.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 
@@ -66,24 +67,75 @@ pub enum Cause {
     UnderscoreHeader,
 }
 
+/// How an attempt that failed with a cause may be retried (the policy's `retries.on` decides whether it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The request never left (no connection, no TLS): safe to send again whatever the method;
+    /// `retries.on.connect_failure`. Reason label `connect-failure`.
+    NeverSent,
+    /// The connection failed after the request may have left; `retries.on.reset`. Reason label `reset`.
+    Reset,
+    /// One attempt's per-try timeout: a gateway timeout of that attempt, retried as a 504 would be. Reason label
+    /// `per-try-timeout`.
+    AsGatewayTimeout,
+    /// Never retried.
+    No,
+}
+
+/// What a cause means: the status the app sees, how an attempt that failed with it is retried, and whether it
+/// counts against a circuit breaker (a failure of the upstream, not of the app's own request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub status: StatusCode,
+    pub retry: Retry,
+    pub breaker: bool,
+}
+
 impl Cause {
-    /// The table: one status per cause.
-    pub fn status(self) -> StatusCode {
+    /// The table: one status, retry class and breaker class per cause.
+    pub const fn class(self) -> Class {
         use Cause::*;
-        match self {
-            MissingTarget | BadTarget | BadInternal | RequestBody | BadPath | UnderscoreHeader => {
-                StatusCode::BAD_REQUEST
+        const fn c(status: StatusCode, retry: Retry, breaker: bool) -> Class {
+            Class {
+                status,
+                retry,
+                breaker,
             }
-            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Forbidden | EgressDenied => StatusCode::FORBIDDEN,
-            UpstreamRefused | UpstreamUnresolvable | UpstreamReset | UpstreamProtocol
-            | UpstreamTls => StatusCode::BAD_GATEWAY,
-            UnknownService | NoEndpoints | CircuitOpen | Overloaded | NoHealthyEndpoint => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ConnectTimeout | RequestTimeout | TryTimeout => StatusCode::GATEWAY_TIMEOUT,
-            RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
+        const BAD: StatusCode = StatusCode::BAD_REQUEST;
+        const GATEWAY: StatusCode = StatusCode::BAD_GATEWAY;
+        const UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+        const TIMEOUT: StatusCode = StatusCode::GATEWAY_TIMEOUT;
+        match self {
+            MissingTarget | BadInternal | BadPath | UnderscoreHeader => c(BAD, Retry::No, false),
+            // Only a client error of the sidecar's own (a URL awc cannot send): says nothing of the upstream.
+            BadTarget => c(BAD, Retry::No, false),
+            // The app's body failed: its fault, not the upstream's.
+            RequestBody => c(BAD, Retry::No, false),
+            HeadersTooLarge => c(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Retry::No,
+                false,
+            ),
+            Forbidden | EgressDenied => c(StatusCode::FORBIDDEN, Retry::No, false),
+            UpstreamRefused | UpstreamUnresolvable | UpstreamTls => {
+                c(GATEWAY, Retry::NeverSent, true)
+            }
+            ConnectTimeout => c(TIMEOUT, Retry::NeverSent, true),
+            UpstreamReset => c(GATEWAY, Retry::Reset, true),
+            UpstreamProtocol => c(GATEWAY, Retry::No, true),
+            TryTimeout => c(TIMEOUT, Retry::AsGatewayTimeout, true),
+            RequestTimeout => c(TIMEOUT, Retry::No, true),
+            UnknownService | NoEndpoints | CircuitOpen | Overloaded | NoHealthyEndpoint => {
+                c(UNAVAILABLE, Retry::No, false)
+            }
+            RateLimited => c(StatusCode::TOO_MANY_REQUESTS, Retry::No, false),
+        }
+    }
+
+    /// The status the app sees.
+    pub const fn status(self) -> StatusCode {
+        self.class().status
     }
 
     /// The short cause, as it appears in `x-sidecar-error`.
@@ -158,7 +210,7 @@ impl fmt::Display for Cause {
 pub struct ProxyError {
     pub cause: Cause,
     pub target: String,
-    pub detail: String,
+    pub detail: Cow<'static, str>,
     /// Headers added to the response (`Retry-After`, `RateLimit`, ...).
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -172,7 +224,11 @@ impl fmt::Display for ProxyError {
 impl std::error::Error for ProxyError {}
 
 impl ProxyError {
-    pub fn new(cause: Cause, target: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub fn new(
+        cause: Cause,
+        target: impl Into<String>,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             cause,
             target: target.into(),
@@ -232,16 +288,27 @@ impl ProxyError {
         Self::new(cause, target, err.to_string())
     }
 
+    /// The JSON body: `{"detail":…,"error":…,"status":…,"target":…}`, written in one buffer (no JSON value is
+    /// built: refusals are the hot path under overload).
+    pub fn body(&self) -> Vec<u8> {
+        let cause = self.cause;
+        let mut body = Vec::with_capacity(64 + self.detail.len() + self.target.len());
+        body.extend_from_slice(b"{\"detail\":");
+        json_string(&mut body, &self.detail);
+        body.extend_from_slice(b",\"error\":\"");
+        body.extend_from_slice(cause.as_str().as_bytes());
+        body.extend_from_slice(b"\",\"status\":");
+        body.extend_from_slice(cause.status().as_str().as_bytes());
+        body.extend_from_slice(b",\"target\":");
+        json_string(&mut body, &self.target);
+        body.push(b'}');
+        body
+    }
+
     /// The response the app receives.
     pub fn to_response(&self) -> Response<BoxBody> {
         let cause = self.cause;
-        let body = serde_json::json!({
-            "error": cause.as_str(),
-            "status": cause.status().as_u16(),
-            "target": self.target,
-            "detail": self.detail,
-        })
-        .to_string();
+        let body = self.body();
         let mut res = Response::with_body(cause.status(), BoxBody::new(body));
         let headers = res.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause.as_str()));
@@ -254,6 +321,14 @@ impl ProxyError {
             res.head_mut().set_connection_type(ConnectionType::Close);
         }
         res
+    }
+}
+
+/// `text` as a JSON string, quotes included.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    if serde_json::to_writer(&mut *out, text).is_err() {
+        out.extend_from_slice(b"\"\"");
     }
 }
 
@@ -281,6 +356,36 @@ mod tests {
                 "{cause} maps to {s}"
             );
         }
+    }
+
+    #[test]
+    fn the_body_is_json_naming_cause_status_target_and_detail() {
+        let e = ProxyError::new(Cause::CircuitOpen, "orders \"eu\"", "line\nbreak");
+        let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "error": "circuit-open",
+                "status": 503,
+                "target": "orders \"eu\"",
+                "detail": "line\nbreak",
+            })
+        );
+    }
+
+    #[test]
+    fn only_upstream_failures_count_against_breakers_and_only_attempt_failures_retry() {
+        for cause in Cause::ALL {
+            let class = cause.class();
+            if class.retry != Retry::No {
+                assert!(
+                    class.breaker,
+                    "{cause} is retried but not an upstream failure"
+                );
+            }
+        }
+        assert!(!Cause::RequestBody.class().breaker);
+        assert_eq!(Cause::ConnectTimeout.class().retry, Retry::NeverSent);
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //!
 //! # Layout
 //!
-//! Two planes. The **data plane** is the request path: it reads the policy from one atomically swapped
-//! snapshot (loaded twice per request), takes only short locks (see [`dispatch::forward`]) and never waits on an
-//! actor. The **control plane** owns state and timers and publishes snapshots.
+//! Two planes. The **data plane** is the request path, six phases ([`dispatch::PHASES`], charted in
+//! `docs/request-path.md`): it reads the policy from one atomically swapped snapshot (loaded twice per request)
+//! and never waits on an actor; the shared state it touches, and its cost, are listed in that document. The **control plane** owns state and timers and publishes snapshots.
 //!
 //! - [`policy`]: the policy files' model, validation and the seed dispatcher's `config.yaml` format; plain
 //!   values, importing nothing from the data plane, the mesh or the control plane.
@@ -16,9 +16,11 @@
 //! - [`balance`]: load balancing over a service's endpoints (P2C peak-EWMA, least request, round robin,
 //!   consistent hashing with bounded loads).
 //! - [`certs`]: `sidecar certs`, a development mesh CA and per-service certificates (not a production CA).
-//! - [`dispatch`]: the request path: route selection, header hygiene, forwarding, the upstream client.
+//! - [`dispatch`]: the request path as its phases (guard, route, admit, body, attempt, respond), header
+//!   hygiene, the upstream client.
 //! - [`mesh`]: the inbound listener: mTLS from peer sidecars, SPIFFE identities, forwarding to the local app.
-//! - [`error`]: the sidecar's own responses and the one table mapping causes to status codes.
+//! - [`error`]: the sidecar's own responses and the one table classing each cause: its status, its retry class
+//!   and whether it counts against a breaker.
 //! - [`server`]: listeners; `start` builds the egress and admin listeners on pre-bound sockets.
 //! - [`admin`]: the admin listener's routes (`/metrics`, `/healthz`, `/readyz`, `/admin/policy`,
 //!   `/admin/reload`, `/admin/targets`, `/admin/mesh`).

@@ -198,6 +198,74 @@ pub fn inject(cx: &Context, app: &HeaderMap, headers: &mut HeaderMap) {
     }
 }
 
+/// The span of one upstream attempt, child of the server span. Its `url.full` leaves the query out unless the
+/// access log's `query` option lets queries (which often carry tokens) leave the process.
+pub fn client_span(
+    parent: &Context,
+    method: &actix_http::Method,
+    uri: &actix_http::Uri,
+    attempt: u32,
+    query: bool,
+) -> Context {
+    let Some(traces) = get() else {
+        return parent.clone();
+    };
+    let url = if query {
+        uri.to_string()
+    } else {
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        format!(
+            "{}://{authority}{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.path()
+        )
+    };
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.as_str().to_string()),
+        KeyValue::new("server.address", uri.host().unwrap_or_default().to_string()),
+        KeyValue::new("url.full", url),
+    ];
+    if let Some(port) = uri.port_u16() {
+        attributes.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    if attempt > 1 {
+        attributes.push(KeyValue::new(
+            "http.request.resend_count",
+            i64::from(attempt - 1),
+        ));
+    }
+    let span = traces
+        .tracer
+        .span_builder(method.as_str().to_string())
+        .with_kind(SpanKind::Client)
+        .with_attributes(attributes)
+        .start_with_context(&traces.tracer, parent);
+    let parent_id = ParentSpanId(parent.span().span_context().span_id());
+    parent.with_span(span).with_value(parent_id)
+}
+
+/// Ends an attempt's span with its response status, or the cause it failed with.
+pub fn end_client_span(cx: &Context, result: Result<StatusCode, crate::error::Cause>) {
+    let span = cx.span();
+    match result {
+        Ok(status) => {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            ));
+            if status.is_server_error() {
+                span.set_attribute(KeyValue::new("error.type", status.as_str().to_string()));
+                span.set_status(Status::error(status.as_str().to_string()));
+            }
+        }
+        Err(cause) => {
+            span.set_attribute(KeyValue::new("error.type", cause.as_str()));
+            span.set_status(Status::error(cause.as_str()));
+        }
+    }
+    span.end();
+}
+
 /// The trace id of the span in `cx`, when there is one.
 pub fn trace_id(cx: &Context) -> Option<String> {
     let span = cx.span();

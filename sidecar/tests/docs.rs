@@ -92,3 +92,69 @@ fn the_compose_policies_are_accepted() {
     }
     assert_eq!(checked, 2, "orders and payments");
 }
+
+/// The names in `**bold**` on a line, in order.
+fn bold(line: &str) -> Vec<String> {
+    line.split("**")
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_request_path_doc_lists_the_codes_phases_in_order() {
+    let doc = std::fs::read_to_string(repo().join("docs/request-path.md")).unwrap();
+    let phases: Vec<String> = sidecar::dispatch::PHASES
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+
+    // The one list: the numbered items of the "Phases" section.
+    let section = doc.split("\n## Phases\n").nth(1).expect("a Phases section");
+    let section = section.split("\n## ").next().unwrap_or_default();
+    let listed: Vec<String> = section
+        .lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .filter_map(|l| bold(l).into_iter().next())
+        .collect();
+    assert_eq!(listed, phases, "the numbered list of docs/request-path.md");
+
+    // The table: one row per phase, in the same order, and the attempt row names its steps in order.
+    let rows: Vec<&str> = section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| phase") && !l.starts_with("|---"))
+        .collect();
+    let named: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.split('|').nth(1).map(|c| c.trim().to_string()))
+        .collect();
+    assert_eq!(named, phases, "the table of docs/request-path.md");
+    let attempt = rows.iter().find(|r| r.starts_with("| attempt ")).unwrap();
+    let steps: Vec<String> = sidecar::dispatch::ATTEMPT_STEPS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(bold(attempt), steps, "the attempt row's steps");
+
+    // The chart names every phase, in order, on one line.
+    let chart = section
+        .lines()
+        .find(|l| l.contains("[codec]"))
+        .expect("the chart");
+    let mut at = 0;
+    for phase in &phases {
+        let found = chart[at..].find(phase.as_str()).map(|i| i + at);
+        at = found.unwrap_or_else(|| panic!("the chart names {phase} after the phases before it"));
+    }
+
+    // And each phase is a module of its own, named for it.
+    for phase in &phases {
+        let file = repo().join(format!("sidecar/src/dispatch/{phase}.rs"));
+        assert!(
+            file.exists(),
+            "{} is the {phase} phase's module",
+            file.display()
+        );
+    }
+}

@@ -1,19 +1,30 @@
-//! Route selection: from a request's headers and the snapshot to one upstream, with the patch to apply.
+//! Phase **route**: from a request's headers and the snapshot to one destination and its [`Plan`]: the
+//! upstream (or service), its live resilience state, the request's deadline and consistent-hashing key.
 //!
-//! Pure and synchronous: no I/O, no locks, no actor. A `target` header wins; dispatch rules decide for requests
-//! without one; with neither the request is refused. A worker parses each distinct `target` URL once
-//! ([`Targets`]): an app calls the same few targets over and over.
+//! Pure and synchronous: no I/O, no actor. A `target` header wins; dispatch rules decide for requests without
+//! one; with neither the request is refused. A worker parses each distinct `target` URL once ([`Targets`]): an
+//! app calls the same few targets over and over. The plan owns what it took from the snapshot (reference
+//! counts), so no snapshot guard is held while the request waits.
+//! May answer: 400 `missing-target`, `bad-target`, `bad-internal-header`, `underscore-header`; 403
+//! `egress-denied`; 503 `unknown-service`, `no-endpoints`. See `docs/request-path.md`.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+use std::time::Instant;
+
+use actix_http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
 use metrics::SharedString;
 
 use super::headers::{INTERNAL, TARGET};
+use crate::balance::stable_hash;
 use crate::error::{Cause, ProxyError};
 use crate::fxhash::FxHashMap;
+use crate::policy::seed::Rewrite;
+use crate::policy::traffic::{BalancerKind, HashKey};
+use crate::resilience::Target;
 use crate::snapshot::{Service, Snapshot};
 use crate::upstream::Upstream;
 
@@ -23,6 +34,8 @@ pub struct Route<'a> {
     pub upstream: Dest<'a>,
     /// Headers set on the upstream request (dispatch rules' `patch`), replacing the app's.
     pub patch: &'a [(HeaderName, HeaderValue)],
+    /// The dispatch rule's rewrite that `patch` comes from, for a plan to keep.
+    pub rewrite: Option<&'a Arc<Rewrite>>,
     /// Append the client address to `X-Forwarded-For` (dispatch rules, as the seed does).
     pub forwarded_for: bool,
     pub request_timeout: Duration,
@@ -100,6 +113,7 @@ pub fn route<'a>(
             Ok(Route {
                 upstream: Dest::Dispatch(&rewrite.destination),
                 patch: &rewrite.patch,
+                rewrite: Some(rewrite),
                 forwarded_for: true,
                 request_timeout: snapshot.request_timeout,
                 label: SharedString::const_str("dispatch"),
@@ -157,6 +171,7 @@ fn route_target<'a>(
         return Ok(Route {
             upstream: Dest::Service(service),
             patch: &[],
+            rewrite: None,
             forwarded_for: false,
             request_timeout: service.request_timeout(),
             label: SharedString::from(service.name.clone()),
@@ -185,9 +200,125 @@ fn route_target<'a>(
     Ok(Route {
         upstream: Dest::Url(upstream),
         patch: &[],
+        rewrite: None,
         forwarded_for: false,
         request_timeout: snapshot.request_timeout,
         label: SharedString::const_str("external"),
+    })
+}
+
+/// The destination and resilience state of one request, owned so that no snapshot guard is held across awaits.
+#[derive(Debug)]
+pub struct Plan {
+    pub upstreams: Upstreams,
+    /// The target's live resilience state: the service's, or the URL or dispatch authority's.
+    pub target: Arc<Target>,
+    /// The `service` label of its metrics: the service name, `external` or `dispatch`.
+    pub label: SharedString,
+    /// The request timeout's end: it bounds every attempt, backoff and queue wait together.
+    pub deadline: Instant,
+    pub timeout: std::time::Duration,
+    /// The dispatch rule's rewrite: headers to patch, and `X-Forwarded-For` to append.
+    pub rewrite: Option<Arc<Rewrite>>,
+    /// The request's consistent-hashing key.
+    pub hash: Option<u64>,
+    /// For a `mesh: true` service: its name and this sidecar's mesh settings.
+    pub mesh: Option<(Arc<str>, Arc<crate::policy::Mesh>)>,
+    /// Whether attempt spans may carry the query (`access_log.query`), as the routing snapshot says.
+    pub span_query: bool,
+}
+
+/// Where attempts go: one upstream, or an endpoint of a service chosen per attempt.
+#[derive(Debug)]
+pub enum Upstreams {
+    One(Arc<Upstream>),
+    Service(Arc<Service>),
+}
+
+impl Upstreams {
+    /// The name in error responses: the upstream's URL or the service's name.
+    pub fn name(&self) -> String {
+        match self {
+            Upstreams::One(u) => u.to_string(),
+            Upstreams::Service(s) => s.name.to_string(),
+        }
+    }
+}
+
+impl Plan {
+    /// Dispatch rules set `Host` themselves: keep theirs.
+    pub fn host_patched(&self) -> bool {
+        self.rewrite
+            .as_ref()
+            .is_some_and(|r| r.patch.iter().any(|(name, _)| name == HOST))
+    }
+}
+
+/// The route phase: the route of a request whose head arrived at `started`, made into a plan. For a mesh
+/// service, the app's header names with `_` are handled as `mesh.headers_with_underscores` says (dropped, or the
+/// request refused) here, before anything is spent on the request.
+pub fn plan(
+    snapshot: &Snapshot,
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    targets: &Targets,
+    started: Instant,
+) -> Result<Plan, ProxyError> {
+    let route = route(snapshot, headers, targets)?;
+    let (upstreams, target) = match route.upstream {
+        Dest::Url(u) => {
+            let target = snapshot.external.get(u.authority().as_str());
+            (Upstreams::One(u), target)
+        }
+        Dest::Dispatch(u) => {
+            let target = snapshot.dispatch_targets.get(u.authority().as_str());
+            (Upstreams::One(u.clone()), target)
+        }
+        Dest::Service(s) => (Upstreams::Service(s.clone()), s.target.clone()),
+    };
+    let hash = match &upstreams {
+        Upstreams::Service(s)
+            if s.policy.resilience.balancer.kind == BalancerKind::ConsistentHash =>
+        {
+            Some(match &s.policy.resilience.balancer.hash_key {
+                HashKey::Header(name) => headers.get(name).map_or(0, |v| stable_hash(v.as_bytes())),
+                HashKey::Source => peer.map_or(0, |ip| match ip {
+                    IpAddr::V4(ip) => stable_hash(&ip.octets()),
+                    IpAddr::V6(ip) => stable_hash(&ip.octets()),
+                }),
+            })
+        }
+        _ => None,
+    };
+    let mesh = match &upstreams {
+        Upstreams::Service(s) if s.policy.mesh => {
+            snapshot.mesh.clone().map(|m| (s.name.clone(), m))
+        }
+        _ => None,
+    };
+    if let Some((_, m)) = &mesh {
+        super::headers::underscores(headers, m.headers_with_underscores, "outbound").map_err(
+            |name| {
+                ProxyError::new(
+                    Cause::UnderscoreHeader,
+                    upstreams.name(),
+                    format!(
+                        "the header name {name} has '_' (mesh.headers_with_underscores: reject)"
+                    ),
+                )
+            },
+        )?;
+    }
+    Ok(Plan {
+        label: route.label,
+        rewrite: route.rewrite.cloned(),
+        deadline: started + route.request_timeout,
+        timeout: route.request_timeout,
+        span_query: snapshot.access_log.query,
+        upstreams,
+        target,
+        hash,
+        mesh,
     })
 }
 

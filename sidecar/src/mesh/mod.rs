@@ -14,36 +14,31 @@ use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use actix_http::body::{self, BodySize, EitherBody, SizedStream};
 use actix_http::header::{HOST, HeaderValue};
-use actix_http::{Payload, Request, Response};
+use actix_http::{Request, Response};
 use actix_web::HttpServer;
 use actix_web::dev::{Extensions, Server};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 
-use std::pin::Pin;
-use std::task::Poll;
-
-use actix_http::body::MessageBody;
-use bytes::Bytes;
 use metrics::SharedString;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::access_log::{Record, Sampler};
-use crate::dispatch::forward::{ProxyBody, RATELIMIT, RATELIMIT_POLICY, relay, request_body};
+use crate::access_log::Sampler;
+use crate::dispatch::admit::{Asking, Gates, admit};
+use crate::dispatch::body::{Body, request_body};
+use crate::dispatch::exchange::{Exchange, Listener};
 use crate::dispatch::headers::{UnderscoreAction, strip_request, underscores};
 use crate::dispatch::path::{self, PathOptions};
+use crate::dispatch::respond::{ProxyBody, answer, finish, relay};
 use crate::error::{Cause, ProxyError};
 use crate::policy::{Inbound, Mesh, UpstreamSettings};
 use crate::resilience::limits::{Concurrency, RateLimit};
 use crate::snapshot::SharedSnapshot;
-use crate::telemetry::Hold;
-use crate::telemetry::{BytesIn, Counted, Instruments, RequestLabels, Timed, method_label};
+use crate::telemetry::{Instruments, Timed};
 use crate::traces;
 use crate::upstream::Upstream;
 
@@ -175,33 +170,6 @@ struct Limits {
     ),
 }
 
-/// The response body, holding the request's concurrency slot until it ends.
-pub struct Held<B> {
-    inner: B,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl<B> std::fmt::Debug for Held<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held").finish_non_exhaustive()
-    }
-}
-
-impl<B: MessageBody + Unpin> MessageBody for Held<B> {
-    type Error = B::Error;
-
-    fn size(&self) -> BodySize {
-        self.inner.size()
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_next(cx)
-    }
-}
-
 /// Builds the inbound server on a pre-bound listener, with the identity's current TLS versions. Like the egress
 /// listener it serves a raw `actix_http` service, so the peer's header maps are moved to the app and back,
 /// never copied. The server does nothing until it is spawned.
@@ -253,17 +221,31 @@ struct Worker {
     sampler: Sampler,
 }
 
+/// The inbound listener, as the exchange names it.
+const LISTENER: Listener = Listener {
+    direction: INBOUND,
+    scheme: "https",
+    service: INBOUND,
+};
+
 impl Worker {
     /// Serves one inbound request, with the telemetry of every request the sidecar serves: a server span (child
     /// of the peer's), the duration histogram and the access log line, each with the peer's identity.
-    async fn handle(&self, mut req: Request) -> Response<Timed<Held<ProxyBody>>> {
-        let started = Instant::now();
+    async fn handle(&self, mut req: Request) -> Response<Timed<ProxyBody>> {
         let peer = req.conn_data::<Peer>().cloned().unwrap_or(Peer {
             label: SharedString::const_str("none"),
             id: None,
         });
-        let trace = traces::get().and_then(|t| traces::server_span(t, &req, "https"));
-        if let Some(cx) = &trace {
+        let log = self.snapshot.load().access_log;
+        let mut exchange = Exchange::arriving(
+            &req,
+            LISTENER,
+            log,
+            &self.instruments,
+            &self.sampler,
+            peer.id.clone(),
+        );
+        if let Some(cx) = exchange.trace() {
             let span = cx.span();
             span.set_attribute(KeyValue::new("sidecar.direction", INBOUND));
             if let Some(id) = &peer.id {
@@ -276,83 +258,37 @@ impl Worker {
                 req.headers_mut().insert(name, value);
             }
         }
-        let in_flight = self.instruments.in_flight();
-        let log = self.snapshot.load().access_log;
-        let record = (log.enabled && self.sampler.sample(log.sample)).then(|| {
-            Record::arriving(
-                &req,
-                INBOUND,
-                SharedString::const_str(INBOUND),
-                log.query,
-                trace.as_ref().and_then(traces::trace_id),
-                peer.id.clone(),
-            )
-        });
-        let bytes_in = match request_body(req.head()) {
-            BodySize::Sized(n) => BytesIn::Known(n),
-            BodySize::Stream => {
-                let count = Rc::default();
-                let payload = req.take_payload();
-                *req.payload() = Payload::Stream {
-                    payload: Box::pin(Counted::new(payload, Rc::clone(&count))),
-                };
-                BytesIn::Counted(count)
-            }
-            BodySize::None => BytesIn::None,
-        };
-        let settings = self.settings.load_full();
-        let mut labels = RequestLabels {
-            service: SharedString::const_str(INBOUND),
-            method: method_label(req.method()),
-            upstream: Some(settings.app.authority().clone()),
-            attempts: 1,
-            bytes_in,
-        };
         let local = Local {
-            settings,
+            settings: self.settings.load_full(),
             client: self.client.clone(),
         };
-        let (res, outcome) = match local.forward(req).await {
-            Ok(res) => (res, "ok"),
-            Err(e) => {
-                if matches!(
-                    e.cause,
-                    Cause::Forbidden | Cause::RateLimited | Cause::Overloaded | Cause::BadTarget
-                ) {
-                    // Refused by the sidecar: the app never saw it.
-                    labels.attempts = 0;
-                }
-                let res = e.to_response().map_body(|_, b| Held {
-                    inner: EitherBody::right(b),
-                    _permit: None,
-                });
-                (res, e.cause.as_str())
-            }
-        };
-        if let Some(cx) = &trace {
-            traces::record_server_outcome(cx, res.status(), outcome);
+        exchange.labels.upstream = Some(local.app.authority().clone());
+        exchange.labels.attempts = 1;
+        let result = local.forward(req, &mut exchange, &self.instruments).await;
+        if let Err(e) = &result
+            && matches!(
+                e.cause,
+                Cause::Forbidden | Cause::RateLimited | Cause::Overloaded | Cause::BadTarget
+            )
+        {
+            // Refused by the sidecar: the app never saw it.
+            exchange.labels.attempts = 0;
         }
-        let histogram =
-            self.instruments
-                .server_histogram_of_peer(&labels, &peer.label, res.status(), outcome);
-        let log = record.map(|mut r| {
-            r.status = res.status().as_u16();
-            r.upstream = labels.upstream.take();
-            r.attempts = labels.attempts;
-            r.error = (outcome != "ok").then_some(outcome);
-            (r, std::mem::take(&mut labels.bytes_in))
-        });
-        let hold = Hold {
-            permit: None,
-            trace,
-        };
-        res.map_body(|_, body| Timed::new(body, histogram, started, in_flight, log, hold))
+        let (res, outcome) = answer(result);
+        finish(exchange, res, outcome, &self.instruments, Some(&peer.label))
     }
 }
 
 impl Local {
-    /// Forwards one inbound request to the local app, with the peer's verified identity.
-    async fn forward(&self, req: Request) -> Result<Response<Held<ProxyBody>>, ProxyError> {
+    /// Forwards one inbound request to the local app, with the peer's verified identity: the path normalized
+    /// and authorized, the headers cleaned, then the shared phases admit (the inbound limits), body and
+    /// respond.
+    async fn forward(
+        &self,
+        req: Request,
+        exchange: &mut Exchange,
+        instruments: &Instruments,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let app = || self.app.to_string();
         let identity = req
             .conn_data::<PeerIdentity>()
@@ -411,60 +347,45 @@ impl Local {
         })?;
         headers.insert(PEER_IDENTITY, identity);
         headers.insert(HOST, self.app.host_header().clone());
-        let started = std::time::Instant::now();
-        if let Some(limit) = &self.limits.rate
-            && let Err(limited) = limit.check(&headers, req_peer)
-        {
-            metrics::counter!(crate::resilience::monitor::RATE_LIMITED, "service" => "inbound")
-                .increment(1);
-            return Err(
-                ProxyError::new(Cause::RateLimited, app(), "over the inbound rate limit")
-                    .retry_after(limited.retry_after)
-                    .with_header(RATELIMIT_POLICY, limit.policy_header().clone())
-                    .with_header(RATELIMIT, limit.refusal_header(limited)),
-            );
-        }
-        let permit = match &self.limits.concurrency {
-            Some(c) => match c.acquire(started + self.timeout).await {
-                Ok(permit) => Some(permit),
-                Err(overload) => {
-                    metrics::counter!(crate::resilience::monitor::OVERLOADED, "service" => "inbound", "reason" => overload.as_str())
-                        .increment(1);
-                    return Err(ProxyError::new(
-                        Cause::Overloaded,
-                        app(),
-                        format!(
-                            "the app's inbound concurrency limit is reached ({})",
-                            overload.as_str()
-                        ),
-                    ));
-                }
-            },
-            None => None,
+        let label = SharedString::const_str(INBOUND);
+        let asking = Asking {
+            headers: &headers,
+            peer: req_peer,
+            label: &label,
+            deadline: exchange.started + self.timeout,
+            timeout: self.timeout,
         };
+        let gates = Gates {
+            rate_limit: self.limits.rate.as_ref(),
+            concurrency: self.limits.concurrency.as_ref(),
+            ..Gates::default()
+        };
+        admit(gates, asking, app, instruments, &mut exchange.hold).await?;
+        // The inbound hop does not retry: the body streams to the app.
+        let mut body = Body::read(
+            framing,
+            payload,
+            None,
+            exchange.started + self.timeout,
+            &mut exchange.labels,
+        )
+        .await?;
         // The request timeout covers the queue wait too.
-        let timeout = self.timeout.saturating_sub(started.elapsed());
+        let timeout = self.timeout.saturating_sub(exchange.started.elapsed());
         let mut request = self
             .client
             .request(head.method.clone(), uri)
             .timeout(timeout)
             .no_decompress();
         *request.headers_mut() = headers;
-        let sending = match framing {
-            BodySize::None => request.send_body(body::None::new()),
-            BodySize::Sized(0) => request.send_body(()),
-            BodySize::Sized(n) => request.send_body(SizedStream::new(n, payload)),
-            BodySize::Stream => request.send_stream(payload),
-        };
-        sending
-            .await
-            .map(|res| {
-                relay(res).map_body(|_, inner| Held {
-                    inner,
-                    _permit: permit,
-                })
-            })
-            .map_err(|e| ProxyError::from_send(&e, app()))
+        body.send(
+            &request
+                .freeze()
+                .map_err(|e| ProxyError::new(Cause::BadTarget, app(), e.to_string()))?,
+        )
+        .await
+        .map(relay)
+        .map_err(|e| ProxyError::from_send(&e, app()))
     }
 }
 

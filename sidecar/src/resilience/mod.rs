@@ -6,7 +6,7 @@
 //! the target's policy is unchanged. The request path enforces it with atomics and short uncontended locks,
 //! never an actor round trip; the [`monitor`] actor reports transitions and runs the timers.
 //! Does not own: the policy's shape and defaults ([`crate::policy::traffic`]), or the forwarding loop that
-//! uses all this ([`crate::dispatch::forward`]).
+//! uses all this ([`crate::dispatch::admit`] and [`crate::dispatch::attempt`]).
 
 pub mod breaker;
 pub mod budget;

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use actix_http::Method;
 use actix_http::header::{HeaderMap, HttpDate, RETRY_AFTER};
 
-use crate::error::Cause;
+use crate::error::{Cause, Retry};
 use crate::policy::traffic::Retries;
 
 /// How one attempt ended, as far as retrying is concerned.
@@ -22,26 +22,19 @@ pub enum Attempt {
 impl Attempt {
     /// Connect failures: the request never left, so even a POST is safe to send again.
     pub fn never_sent(self) -> bool {
-        matches!(
-            self,
-            Attempt::Failed(
-                Cause::UpstreamRefused
-                    | Cause::UpstreamUnresolvable
-                    | Cause::ConnectTimeout
-                    | Cause::UpstreamTls
-            )
-        )
+        matches!(self, Attempt::Failed(c) if c.class().retry == Retry::NeverSent)
     }
 
     /// Whether the policy's conditions cover this outcome.
     pub fn matches(self, retries: &Retries) -> bool {
         match self {
             Attempt::Status(s) => retries.on.status(s),
-            _ if self.never_sent() => retries.on.connect_failure,
-            Attempt::Failed(Cause::UpstreamReset) => retries.on.reset,
-            // A per-try timeout is a gateway timeout of that attempt.
-            Attempt::Failed(Cause::TryTimeout) => retries.on.status(504),
-            Attempt::Failed(_) => false,
+            Attempt::Failed(c) => match c.class().retry {
+                Retry::NeverSent => retries.on.connect_failure,
+                Retry::Reset => retries.on.reset,
+                Retry::AsGatewayTimeout => retries.on.status(504),
+                Retry::No => false,
+            },
         }
     }
 
@@ -50,17 +43,19 @@ impl Attempt {
         match self {
             Attempt::Status(s) if s >= 500 => "5xx",
             Attempt::Status(_) => "4xx",
-            _ if self.never_sent() => "connect-failure",
-            Attempt::Failed(Cause::TryTimeout) => "per-try-timeout",
-            Attempt::Failed(_) => "reset",
+            Attempt::Failed(c) => match c.class().retry {
+                Retry::NeverSent => "connect-failure",
+                Retry::AsGatewayTimeout => "per-try-timeout",
+                Retry::Reset | Retry::No => "reset",
+            },
         }
     }
 
-    /// Counts against a breaker: a 5xx or a failure to get a response (not the app's own request errors).
+    /// Counts against a breaker: a 5xx, or a cause the error table classes as an upstream failure.
     pub fn is_failure(self) -> bool {
         match self {
             Attempt::Status(s) => s >= 500,
-            Attempt::Failed(c) => c != Cause::RequestBody,
+            Attempt::Failed(c) => c.class().breaker,
         }
     }
 }

@@ -20,7 +20,7 @@ use actix::prelude::{Actor, AsyncContext};
 use actix_http::body::{BodySize, MessageBody};
 use actix_http::{Method, StatusCode};
 use bytes::Bytes;
-use metrics::{Gauge, Histogram, SharedString};
+use metrics::{Counter, Gauge, Histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::access_log::{self, Record};
@@ -252,12 +252,22 @@ impl Key {
 
 type Cache = RefCell<FxHashMap<Key, Histogram>>;
 
+/// A counter's identity: its name and reason (static strings, by address and length) and its service label.
+type CounterKey = ((usize, usize), SharedString, (usize, usize));
+
+fn static_id(text: &'static str) -> (usize, usize) {
+    (text.as_ptr() as usize, text.len())
+}
+
 /// One worker's metric handles: registered once, then used without the registry's lookups and locks.
 #[derive(Debug)]
 pub struct Instruments {
     in_flight: Gauge,
     server: Cache,
     client: Cache,
+    /// Refusal and retry counters (`service`, and `reason` for some): counted without a registry lookup, since
+    /// refusals are the hot path under overload.
+    counters: RefCell<FxHashMap<CounterKey, Counter>>,
     /// The `direction` label of the server histogram: `egress` (the app's calls out) or `inbound` (mesh peers'
     /// calls in).
     direction: &'static str,
@@ -270,6 +280,7 @@ impl Default for Instruments {
             in_flight: metrics::gauge!(ACTIVE_REQUESTS),
             server: Cache::default(),
             client: Cache::default(),
+            counters: RefCell::default(),
             direction: "egress",
         }
     }
@@ -365,6 +376,27 @@ impl Instruments {
         outcome: &'static str,
     ) -> Histogram {
         self.server(labels, status_class(status), outcome, Some(peer))
+    }
+
+    /// Adds one to the counter `name` of `service` (and `reason`, when it has one).
+    pub fn count(&self, name: &'static str, service: &SharedString, reason: Option<&'static str>) {
+        let key = (
+            static_id(name),
+            service.clone(),
+            reason.map_or((0, 0), static_id),
+        );
+        if let Some(c) = self.counters.borrow().get(&key) {
+            c.increment(1);
+            return;
+        }
+        let counter = match reason {
+            Some(reason) => {
+                metrics::counter!(name, "service" => service.clone(), "reason" => reason)
+            }
+            None => metrics::counter!(name, "service" => service.clone()),
+        };
+        counter.increment(1);
+        self.counters.borrow_mut().insert(key, counter);
     }
 
     /// Counts a request in flight until the returned guard drops.
