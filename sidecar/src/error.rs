@@ -241,7 +241,7 @@ impl ProxyError {
     pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         self.headers
-            .push((RETRY_AFTER, HeaderValue::from(seconds.max(1))));
+            .push((RETRY_AFTER, seconds_value(seconds.max(1))));
         self
     }
 
@@ -324,6 +324,15 @@ impl ProxyError {
     }
 }
 
+/// A number of seconds as a header value: static for the waits refusals usually ask for (no allocation).
+fn seconds_value(seconds: u64) -> HeaderValue {
+    const SMALL: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    match SMALL.get(seconds as usize) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(seconds),
+    }
+}
+
 /// `text` as a JSON string, quotes included.
 fn json_string(out: &mut Vec<u8>, text: &str) {
     // Writing a `str` into a `Vec` cannot fail.
@@ -386,6 +395,21 @@ mod tests {
         }
         assert!(!Cause::RequestBody.class().breaker);
         assert_eq!(Cause::ConnectTimeout.class().retry, Retry::NeverSent);
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        for (wait, expected) in [
+            (0, "1"),
+            (1, "1"),
+            (1_500, "2"),
+            (10_000, "10"),
+            (61_000, "61"),
+        ] {
+            let e = ProxyError::new(Cause::RateLimited, "", "")
+                .retry_after(std::time::Duration::from_millis(wait));
+            assert_eq!(e.headers[0].1, expected, "{wait} ms");
+        }
     }
 
     #[test]

@@ -222,3 +222,69 @@ async fn inbound_requests_are_counted_by_peer_identity_for_a_real_prometheus() {
         .await;
     sidecar.stop().await;
 }
+
+/// The value of the sample `series` (name and labels, as exposed) in a scrape; 0 when absent.
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[actix_rt::test]
+async fn every_refusal_is_counted_once_under_its_service_and_reason() {
+    let upstream = RawUpstream::ok().await;
+    let (held, arrived, release) = support::held_upstream().await;
+    // Service names of this test's own, so no other sidecar of this test binary counts into these series.
+    let sidecar = Sidecar::start(&format!(
+        "services:\n  refusals-limited:\n    endpoints: ['{}']\n    rate_limit:\n      rate: 1/m\n      burst: 1\n  refusals-full:\n    endpoints: ['{held}']\n    concurrency:\n      max_in_flight: 1\n      queue: 0\n",
+        upstream.addr
+    ));
+    let call = |service: &'static str| {
+        let addr = sidecar.addr;
+        async move {
+            get(addr, "/", &[("target", service), ("internal", "true")])
+                .await
+                .status
+        }
+    };
+    assert_eq!(call("refusals-limited").await, 200);
+    for _ in 0..5 {
+        assert_eq!(call("refusals-limited").await, 429);
+    }
+    let first = tokio::spawn(call("refusals-full"));
+    tokio::time::timeout(DEADLINE, arrived.notified())
+        .await
+        .expect("the first request reaches the held upstream");
+    for _ in 0..3 {
+        assert_eq!(call("refusals-full").await, 503);
+    }
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), 200);
+
+    let scrape = get(sidecar.admin, "/metrics", &[]).await.text();
+    assert_eq!(
+        sample(
+            &scrape,
+            "sidecar_rate_limited_total{service=\"refusals-limited\"}"
+        ),
+        5.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "sidecar_overloaded_total{service=\"refusals-full\",reason=\"queue_full\"}"
+        ),
+        3.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "sidecar_rate_limited_total{service=\"refusals-full\"}"
+        ),
+        0.0
+    );
+    sidecar.stop().await;
+}

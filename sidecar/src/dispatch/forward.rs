@@ -158,9 +158,9 @@ impl Forwarder {
                 peer,
                 &self.targets,
                 exchange.started,
+                &mut exchange.labels.service,
             )?
         };
-        exchange.labels.service = plan.label.clone();
 
         let asking = Asking {
             headers: &head.headers,

@@ -254,17 +254,20 @@ impl Plan {
     }
 }
 
-/// The route phase: the route of a request whose head arrived at `started`, made into a plan. For a mesh
-/// service, the app's header names with `_` are handled as `mesh.headers_with_underscores` says (dropped, or the
-/// request refused) here, before anything is spent on the request.
+/// The route phase: the route of a request whose head arrived at `started`, made into a plan; `label` is set
+/// to the route's metrics label as soon as it is known (a refusal below still carries it). For a mesh service,
+/// the app's header names with `_` are handled as `mesh.headers_with_underscores` says (dropped, or the request
+/// refused) here, before anything is spent on the request.
 pub fn plan(
     snapshot: &Snapshot,
     headers: &mut HeaderMap,
     peer: Option<IpAddr>,
     targets: &Targets,
     started: Instant,
+    label: &mut SharedString,
 ) -> Result<Plan, ProxyError> {
     let route = route(snapshot, headers, targets)?;
+    *label = route.label.clone();
     let (upstreams, target) = match route.upstream {
         Dest::Url(u) => {
             let target = snapshot.external.get(u.authority().as_str());
