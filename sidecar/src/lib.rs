@@ -37,6 +37,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod certs;
+pub mod clock;
 pub mod control;
 pub mod dispatch;
 pub mod error;
