@@ -381,7 +381,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             policy.services.len(),
             policy.dispatch.is_some(),
         );
-        let running = server::start(source, policy, listeners, RunOptions { signals: true })?;
+        let running = server::start(
+            source,
+            policy,
+            listeners,
+            RunOptions {
+                signals: true,
+                ..RunOptions::default()
+            },
+        )?;
         tracing::info!(
             egress = %running.egress,
             admin = ?running.admin,

@@ -44,10 +44,12 @@ pub struct Listeners {
 }
 
 /// Options that are not policy: how the process is run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Handle SIGTERM/SIGINT (drain, then stop) and SIGHUP (reload). The binary does; in-process tests do not.
     pub signals: bool,
+    /// The clock of breakers, budgets and rate limits: the system's, or a manual one a test advances.
+    pub clock: crate::clock::Clock,
 }
 
 /// Every server running now, and every task to wait for (servers being drained included).
@@ -653,7 +655,8 @@ pub fn start(
         Some(mesh) => crate::mesh::bind(mesh).map_err(fail)?,
         None => None,
     };
-    let snapshot = Snapshot::shared(&policy);
+    let hub = crate::resilience::monitor::Hub::new(options.clock.clone());
+    let snapshot = Snapshot::shared(&policy, hub);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
     let egress_factory = EgressFactory {

@@ -20,7 +20,7 @@ use crate::balance::{Clock, Load, Ring, load_bound};
 use crate::policy::traffic::BalancerKind;
 use crate::policy::{DispatchRules, Policy, ServicePolicy, UpstreamSettings};
 use crate::resilience::breaker::{Breaker, Ejections};
-use crate::resilience::monitor::{Kind, Scope};
+use crate::resilience::monitor::{Hub, Kind, Scope};
 use crate::resilience::retry::random_below;
 use crate::resilience::{Authorities, Target};
 use crate::upstream::Upstream;
@@ -57,6 +57,8 @@ pub struct Snapshot {
     /// Changes exactly when the pool settings do: a worker whose client was built for another generation
     /// builds a new one (one integer compare per request), so a pool change needs no new listener.
     pub pool_generation: u64,
+    /// This sidecar's clock and monitor, for the breakers of every snapshot it builds.
+    pub hub: Hub,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -76,6 +78,7 @@ pub struct Service {
     next: AtomicUsize,
     ring: Option<Ring>,
     clock: Clock,
+    hub: Hub,
 }
 
 /// One endpoint of a service, with its own breaker (passive outlier ejection) when the service has
@@ -124,7 +127,7 @@ impl Service {
     /// `previous` while the discovery source and `mesh` are unchanged: its static endpoints (usually none)
     /// would otherwise serve until discovery publishes again. Those endpoints keep their load, health and
     /// ejection when the outlier policy is unchanged too; otherwise they start afresh under the new one.
-    fn rebuilt(name: &str, policy: &ServicePolicy, previous: Option<&Service>) -> Self {
+    fn rebuilt(name: &str, policy: &ServicePolicy, previous: Option<&Service>, hub: &Hub) -> Self {
         let discovered = previous.filter(|p| {
             p.policy.discovery.is_some()
                 && p.policy.discovery == policy.discovery
@@ -141,6 +144,7 @@ impl Service {
             service: label,
             endpoint: None,
             kind: Kind::Service,
+            hub: hub.clone(),
         };
         let ejections = policy
             .resilience
@@ -155,6 +159,7 @@ impl Service {
             next: AtomicUsize::new(0),
             ring: None,
             clock: Clock::default(),
+            hub: hub.clone(),
         };
         match discovered {
             Some(previous) => {
@@ -188,6 +193,7 @@ impl Service {
             next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
             ring: None,
             clock: self.clock,
+            hub: self.hub.clone(),
         };
         next.set_endpoints(upstreams, &self.endpoints);
         for gone in self
@@ -226,6 +232,7 @@ impl Service {
                     service: label.clone(),
                     endpoint: Some(authority.clone()),
                     kind: Kind::Endpoint,
+                    hub: self.hub.clone(),
                 };
                 Arc::new(Endpoint {
                     upstream: upstream.clone(),
@@ -410,6 +417,11 @@ impl Snapshot {
     /// Builds a snapshot; services whose policy is unchanged from `previous` keep their state (the same `Arc`),
     /// and a discovered service whose policy changed keeps its discovered endpoints (`Service::rebuilt`).
     pub fn build(policy: &Policy, version: u64, previous: Option<&Snapshot>) -> Self {
+        let hub = previous.map(|p| p.hub.clone()).unwrap_or_default();
+        Self::assemble(policy, version, previous, hub)
+    }
+
+    fn assemble(policy: &Policy, version: u64, previous: Option<&Snapshot>, hub: Hub) -> Self {
         let services = policy
             .services
             .iter()
@@ -420,7 +432,7 @@ impl Snapshot {
                     .cloned();
                 let service = kept.unwrap_or_else(|| {
                     let previous = previous.and_then(|prev| prev.services.get(name.as_str()));
-                    Arc::new(Service::rebuilt(name, p, previous.map(AsRef::as_ref)))
+                    Arc::new(Service::rebuilt(name, p, previous.map(AsRef::as_ref), &hub))
                 });
                 (Box::from(name.as_str()), service)
             })
@@ -437,7 +449,7 @@ impl Snapshot {
             previous
                 .filter(|a| a.policy == *resilience)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Authorities::new(resilience, label)))
+                .unwrap_or_else(|| Arc::new(Authorities::new(resilience, label, hub.clone())))
         };
         Self {
             version,
@@ -453,15 +465,18 @@ impl Snapshot {
             access_log: policy.access_log,
             pool,
             pool_generation,
+            hub,
         }
     }
 
+    /// The first snapshot, on the system clock and reporting to no monitor (unit tests and benches).
     pub fn from_policy(policy: &Policy) -> Self {
-        Self::build(policy, 1, None)
+        Self::assemble(policy, 1, None, Hub::default())
     }
 
-    pub fn shared(policy: &Policy) -> SharedSnapshot {
-        Arc::new(ArcSwap::from_pointee(Self::from_policy(policy)))
+    /// The first snapshot of a sidecar whose breakers read `hub`'s clock and report to its monitor.
+    pub fn shared(policy: &Policy, hub: Hub) -> SharedSnapshot {
+        Arc::new(ArcSwap::from_pointee(Self::assemble(policy, 1, None, hub)))
     }
 }
 

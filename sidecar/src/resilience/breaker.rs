@@ -3,20 +3,27 @@
 //!
 //! Failures accrue two ways, each optional: failures in a row, and the failure share over a sliding window
 //! ([`Window`]: outcomes counted in [`BUCKETS`] time buckets, judged once the window holds `min_requests`).
-//! The state machine takes `now` as an argument so that it is tested without sleeping; the request path
-//! passes the clock. While closed, admission is one atomic read and recording an outcome one short
-//! uncontended lock.
+//!
+//! No lock: the request path reads one atomic word, the [`Gate`] (state, probes taken, end of the open
+//! time), and records an outcome with atomic counters. Every transition is a compare-and-swap of the gate, so
+//! exactly one request makes each one and reports it ([`super::monitor::Hub::transition`]). The threshold is
+//! judged by the request whose failure reaches it, which flips the gate at once: requests that other workers
+//! admit between that failure being counted and the swap (a few instructions) still pass, a window the
+//! contention bench measures. The monitor actor owns the open timer (it moves the gate to half-open when the
+//! time is up); a request that finds an expired open gate moves it itself, so a lost message or an injected
+//! clock never strands a breaker open. Time comes from the sidecar's [`Clock`].
 //!
 //! failsafe's `StateMachine` was not used: its half-open state admits every call, it cannot say how long it
 //! stays open (which `Retry-After` needs), and it cannot tell a probe's result from a straggler's. Its
 //! success-rate accrual was an exponentially weighted average, which a first failure biased for a whole
 //! window: it is not "the failure share over the window" that the policy promises.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::monitor::{self, Scope};
+use super::monitor::{Scope, Transition};
+use crate::clock::Clock;
 use crate::policy::traffic::{BreakerPolicy, FailureRate};
 
 /// The failure-rate window is kept as this many buckets; the oldest expires as time moves on, so the share
@@ -50,43 +57,61 @@ impl State {
     }
 }
 
+/// The breaker's state in one word: bits 0–1 the state, bits 2–21 the probes taken while half-open, bits
+/// 22–63 the end of the open time in milliseconds since the breaker's epoch (rounded up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate(u64);
+
+const STATE_BITS: u64 = 0b11;
+const PROBE_SHIFT: u32 = 2;
+/// Probes taken are counted in 20 bits: `half_open_probes` above this is this.
+const MAX_PROBES: u64 = (1 << 20) - 1;
+const UNTIL_SHIFT: u32 = 22;
+
+impl Gate {
+    const CLOSED: Gate = Gate(0);
+
+    fn open(until_ms: u64) -> Self {
+        Gate(until_ms << UNTIL_SHIFT | 1)
+    }
+
+    fn half_open(probes: u64) -> Self {
+        Gate(probes.min(MAX_PROBES) << PROBE_SHIFT | 2)
+    }
+
+    fn state(self) -> State {
+        match self.0 & STATE_BITS {
+            0 => State::Closed,
+            1 => State::Open,
+            _ => State::HalfOpen,
+        }
+    }
+
+    fn probes(self) -> u64 {
+        (self.0 >> PROBE_SHIFT) & MAX_PROBES
+    }
+
+    fn until_ms(self) -> u64 {
+        self.0 >> UNTIL_SHIFT
+    }
+}
+
 /// One breaker: a service's, an external authority's, or one endpoint's.
 #[derive(Debug)]
 pub struct Breaker {
     policy: BreakerPolicy,
     /// For endpoint breakers: the service's cap on endpoints ejected at once.
     ejections: Option<Arc<Ejections>>,
-    /// False while closed: the request path admits with one atomic load.
-    tripped: AtomicBool,
-    shared: Mutex<Shared>,
-    scope: Scope,
-}
-
-#[derive(Debug)]
-struct Shared {
-    state: Phase,
+    gate: AtomicU64,
     /// Failures in a row while closed.
-    consecutive: u32,
+    consecutive: AtomicU32,
     window: Option<Window>,
-    /// The last open duration, doubled when a probe fails.
-    last_open: Duration,
-}
-
-impl Shared {
-    /// Forgets the outcomes counted so far: a new closed period starts from nothing.
-    fn clear(&mut self) {
-        self.consecutive = 0;
-        if let Some(w) = &mut self.window {
-            w.clear();
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { probes: u32 },
+    /// The last open time in milliseconds, doubled when a probe fails.
+    last_open_ms: AtomicU64,
+    clock: Clock,
+    /// The clock's reading when the breaker was made: the gate's and the window's times count from it.
+    epoch: Instant,
+    scope: Scope,
 }
 
 /// What the breaker said to one request.
@@ -108,13 +133,9 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    pub fn record(self, failed: bool) {
-        self.record_at(failed, Instant::now());
-    }
-
-    fn record_at(mut self, failed: bool, now: Instant) {
+    pub fn record(mut self, failed: bool) {
         self.done = true;
-        self.breaker.record(self.probe, failed, now);
+        self.breaker.record(self.probe, failed);
     }
 }
 
@@ -172,6 +193,10 @@ impl Ejections {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Breaker {
     pub fn new(policy: BreakerPolicy, scope: Scope) -> Arc<Self> {
         Self::with_ejections(policy, scope, None)
@@ -183,81 +208,115 @@ impl Breaker {
         scope: Scope,
         ejections: Option<Arc<Ejections>>,
     ) -> Arc<Self> {
-        let now = Instant::now();
+        let clock = scope.hub.clock.clone();
         Arc::new(Self {
             policy,
             ejections,
-            tripped: AtomicBool::new(false),
-            shared: Mutex::new(Shared {
-                state: Phase::Closed,
-                consecutive: 0,
-                window: policy.failure_rate.map(|rate| Window::new(rate, now)),
-                last_open: policy.open_base,
-            }),
+            gate: AtomicU64::new(Gate::CLOSED.0),
+            consecutive: AtomicU32::new(0),
+            window: policy.failure_rate.map(Window::new),
+            last_open_ms: AtomicU64::new(millis(policy.open_base)),
+            epoch: clock.now(),
+            clock,
             scope,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock cannot leave the state half-updated in a way that matters more than
-        // refusing all traffic would: keep going with what is there.
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    fn gate(&self) -> Gate {
+        Gate(self.gate.load(Ordering::Acquire))
+    }
+
+    /// Swaps the gate from `from` to `to`; false when another request changed it first.
+    fn swap(&self, from: Gate, to: Gate) -> bool {
+        self.gate
+            .compare_exchange(from.0, to.0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Time since the epoch in nanoseconds.
+    fn elapsed_ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn until(&self, gate: Gate) -> Instant {
+        self.epoch + Duration::from_millis(gate.until_ms())
     }
 
     /// Asks to send one request.
     pub fn admit(self: &Arc<Self>) -> Admit {
-        if !self.tripped.load(Ordering::Acquire) {
+        let gate = self.gate();
+        if gate == Gate::CLOSED {
             return Admit::Pass(self.ticket(false));
         }
-        self.admit_at(Instant::now())
+        self.admit_slow(gate)
     }
 
-    fn admit_at(self: &Arc<Self>, now: Instant) -> Admit {
-        let mut shared = self.lock();
-        match shared.state {
-            Phase::Closed => Admit::Pass(self.ticket(false)),
-            Phase::Open { until } if now < until => Admit::Refuse(until - now),
-            Phase::Open { .. } => {
-                shared.state = Phase::HalfOpen { probes: 1 };
-                drop(shared);
-                monitor::transition(&self.scope, State::HalfOpen);
-                Admit::Pass(self.ticket(true))
+    fn admit_slow(self: &Arc<Self>, mut gate: Gate) -> Admit {
+        loop {
+            match gate.state() {
+                State::Closed => return Admit::Pass(self.ticket(false)),
+                State::Open => {
+                    let (until, now) = (self.until(gate), self.clock.now());
+                    if now < until {
+                        return Admit::Refuse(until - now);
+                    }
+                    if self.swap(gate, Gate::half_open(1)) {
+                        self.report(State::HalfOpen);
+                        return Admit::Pass(self.ticket(true));
+                    }
+                }
+                State::HalfOpen => {
+                    let probes = gate.probes();
+                    if probes >= u64::from(self.policy.half_open_probes).min(MAX_PROBES) {
+                        // Every probe slot is taken: the answer comes within one request's time.
+                        return Admit::Refuse(Duration::from_secs(1));
+                    }
+                    if self.swap(gate, Gate::half_open(probes + 1)) {
+                        return Admit::Pass(self.ticket(true));
+                    }
+                }
             }
-            Phase::HalfOpen { probes } if probes < self.policy.half_open_probes => {
-                shared.state = Phase::HalfOpen { probes: probes + 1 };
-                Admit::Pass(self.ticket(true))
-            }
-            // Every probe slot is taken: the answer comes within one request's time.
-            Phase::HalfOpen { .. } => Admit::Refuse(Duration::from_secs(1)),
+            gate = self.gate();
+        }
+    }
+
+    /// The monitor's open timer: an open gate whose time is up becomes half-open with no probe taken. True
+    /// when it did; false when the time is not up (by the breaker's clock) or a request moved it already.
+    pub fn half_open_if_due(&self) -> bool {
+        let gate = self.gate();
+        if gate.state() != State::Open || self.clock.now() < self.until(gate) {
+            return false;
+        }
+        self.swap(gate, Gate::half_open(0))
+    }
+
+    /// How long an open breaker stays open from now (zero when it is not open, or its time is up).
+    pub fn remaining_open(&self) -> Duration {
+        let gate = self.gate();
+        match gate.state() {
+            State::Open => self.until(gate).saturating_duration_since(self.clock.now()),
+            _ => Duration::ZERO,
         }
     }
 
     /// True when a request would be admitted now (without taking a probe slot): for choosing an endpoint.
     pub fn is_available(&self) -> bool {
-        if !self.tripped.load(Ordering::Acquire) {
-            return true;
-        }
-        match self.lock().state {
-            Phase::Closed => true,
-            Phase::Open { until } => Instant::now() >= until,
-            Phase::HalfOpen { probes } => probes < self.policy.half_open_probes,
-        }
-    }
-
-    /// How long until the breaker would admit again (zero when it would now).
-    pub fn remaining_open(&self) -> Duration {
-        match self.lock().state {
-            Phase::Open { until } => until.saturating_duration_since(Instant::now()),
-            _ => Duration::ZERO,
+        let gate = self.gate();
+        match gate.state() {
+            State::Closed => true,
+            State::Open => self.clock.now() >= self.until(gate),
+            State::HalfOpen => {
+                gate.probes() < u64::from(self.policy.half_open_probes).min(MAX_PROBES)
+            }
         }
     }
 
     pub fn state(&self) -> State {
-        match self.lock().state {
-            Phase::Closed => State::Closed,
-            Phase::Open { .. } => State::Open,
-            Phase::HalfOpen { .. } => State::HalfOpen,
-        }
+        self.gate().state()
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     fn ticket(self: &Arc<Self>, probe: bool) -> Ticket {
@@ -268,79 +327,118 @@ impl Breaker {
         }
     }
 
-    fn record(&self, probe: bool, failed: bool, now: Instant) {
-        let mut shared = self.lock();
-        let transition = match (shared.state, probe, failed) {
-            (Phase::Closed, _, false) => {
-                shared.consecutive = 0;
-                if let Some(w) = &mut shared.window {
-                    w.record(false, now);
+    fn record(self: &Arc<Self>, probe: bool, failed: bool) {
+        let gate = self.gate();
+        match (gate.state(), probe, failed) {
+            (State::Closed, _, false) => {
+                // Stores only when there is something to reset: successes in a row write nothing shared.
+                if self.consecutive.load(Ordering::Relaxed) != 0 {
+                    self.consecutive.store(0, Ordering::Relaxed);
                 }
-                None
+                if let Some(w) = &self.window {
+                    w.record(false, self.elapsed_ns(self.clock.now()));
+                }
             }
-            (Phase::Closed, _, true) => {
-                shared.consecutive = shared.consecutive.saturating_add(1);
+            (State::Closed, _, true) => {
+                let now = self.clock.now();
+                let in_a_row = self
+                    .consecutive
+                    .fetch_add(1, Ordering::AcqRel)
+                    .saturating_add(1);
                 let in_a_row = self.policy.consecutive_failures > 0
-                    && shared.consecutive >= self.policy.consecutive_failures;
-                let by_rate = shared.window.as_mut().is_some_and(|w| {
-                    w.record(true, now);
-                    w.tripped()
+                    && in_a_row >= self.policy.consecutive_failures;
+                let by_rate = self.window.as_ref().is_some_and(|w| {
+                    w.record(true, self.elapsed_ns(now));
+                    w.tripped(self.elapsed_ns(now))
                 });
-                // Past the ejection cap the endpoint stays in rotation: better a failing endpoint than too
-                // few to carry the load. Its count stays, so its next failure asks again.
-                ((in_a_row || by_rate) && self.ejections.as_ref().is_none_or(|e| e.try_take()))
-                    .then(|| {
-                        self.open(&mut shared, self.policy.open_base, now);
-                        State::Open
-                    })
-            }
-            (Phase::HalfOpen { .. }, true, false) => {
-                if let Some(e) = &self.ejections {
-                    e.give_back();
+                if in_a_row || by_rate {
+                    self.trip(gate, now);
                 }
-                shared.clear();
-                shared.last_open = self.policy.open_base;
-                shared.state = Phase::Closed;
-                self.tripped.store(false, Ordering::Release);
-                Some(State::Closed)
             }
-            (Phase::HalfOpen { .. }, true, true) => {
-                let doubled = shared.last_open.saturating_mul(2);
-                self.open(&mut shared, doubled, now);
-                Some(State::Open)
+            (State::HalfOpen, true, false) => {
+                if self.swap(gate, Gate::CLOSED) {
+                    if let Some(e) = &self.ejections {
+                        e.give_back();
+                    }
+                    self.clear();
+                    self.last_open_ms
+                        .store(millis(self.policy.open_base), Ordering::Relaxed);
+                    self.report(State::Closed);
+                }
+            }
+            (State::HalfOpen, true, true) => {
+                let doubled = self.last_open_ms.load(Ordering::Relaxed).saturating_mul(2);
+                let now = self.clock.now();
+                let open = self.open_gate(doubled, now);
+                if self.swap(gate, open) {
+                    self.clear();
+                    self.report(State::Open);
+                }
             }
             // A request admitted before the breaker tripped: its result says nothing about the probe.
-            (Phase::Open { .. } | Phase::HalfOpen { .. }, false, _) => None,
+            (State::Open | State::HalfOpen, false, _) => {}
             // A probe whose breaker was reset meanwhile.
-            (Phase::Open { .. }, true, _) => None,
-        };
-        drop(shared);
-        if let Some(state) = transition {
-            monitor::transition(&self.scope, state);
+            (State::Open, true, _) => {}
         }
     }
 
-    fn open(&self, shared: &mut Shared, open: Duration, now: Instant) {
-        let open = open.clamp(self.policy.open_base, self.policy.open_max);
-        shared.last_open = open;
-        shared.clear();
-        shared.state = Phase::Open { until: now + open };
-        self.tripped.store(true, Ordering::Release);
+    /// Closed to open, when the ejection cap allows. Past the cap the endpoint stays in rotation: better a
+    /// failing endpoint than too few to carry the load. Its count stays, so its next failure asks again.
+    fn trip(self: &Arc<Self>, closed: Gate, now: Instant) {
+        if closed != Gate::CLOSED {
+            return;
+        }
+        if let Some(e) = &self.ejections
+            && !e.try_take()
+        {
+            return;
+        }
+        let open = self.open_gate(millis(self.policy.open_base), now);
+        if self.swap(Gate::CLOSED, open) {
+            self.clear();
+            self.report(State::Open);
+        } else if let Some(e) = &self.ejections {
+            // Another request tripped it first, and holds the ejection.
+            e.give_back();
+        }
+    }
+
+    /// An open gate for `open_ms` (within the policy's bounds) from `now`, remembering the time for the next.
+    fn open_gate(&self, open_ms: u64, now: Instant) -> Gate {
+        let open_ms = open_ms.clamp(millis(self.policy.open_base), millis(self.policy.open_max));
+        self.last_open_ms.store(open_ms, Ordering::Relaxed);
+        let now_ms = self.elapsed_ns(now).div_ceil(1_000_000);
+        Gate::open(now_ms.saturating_add(open_ms))
+    }
+
+    /// Forgets the outcomes counted so far: a new closed period starts from nothing.
+    fn clear(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        if let Some(w) = &self.window {
+            w.clear(self.elapsed_ns(self.clock.now()));
+        }
+    }
+
+    fn report(self: &Arc<Self>, to: State) {
+        self.scope.hub.transition(Transition {
+            scope: self.scope.clone(),
+            to,
+            breaker: Arc::downgrade(self),
+        });
     }
 
     /// Back to closed with nothing counted, giving back the ejection it held. For an endpoint that left the
     /// service, or that became its only endpoint (ejection needs somewhere else to go). True when it was not
     /// closed.
     pub fn reset(&self) -> bool {
-        let mut shared = self.lock();
-        let was_closed = matches!(shared.state, Phase::Closed);
+        let was = Gate(self.gate.swap(Gate::CLOSED.0, Ordering::AcqRel));
+        let was_closed = was == Gate::CLOSED;
         if !was_closed && let Some(e) = &self.ejections {
             e.give_back();
         }
-        shared.clear();
-        shared.last_open = self.policy.open_base;
-        shared.state = Phase::Closed;
-        self.tripped.store(false, Ordering::Release);
+        self.clear();
+        self.last_open_ms
+            .store(millis(self.policy.open_base), Ordering::Relaxed);
         !was_closed
     }
 
@@ -351,87 +449,103 @@ impl Breaker {
     }
 
     /// An endpoint that is now its service's only one is readmitted at once, and says so.
-    pub fn readmit(&self) {
+    pub fn readmit(self: &Arc<Self>) {
         if self.reset() {
-            monitor::transition(&self.scope, State::Closed);
+            self.report(State::Closed);
         }
     }
 
     fn release_probe(&self) {
-        let mut shared = self.lock();
-        if let Phase::HalfOpen { probes } = shared.state {
-            shared.state = Phase::HalfOpen {
-                probes: probes.saturating_sub(1),
-            };
+        let mut gate = self.gate();
+        while gate.state() == State::HalfOpen && gate.probes() > 0 {
+            if self.swap(gate, Gate::half_open(gate.probes() - 1)) {
+                return;
+            }
+            gate = self.gate();
         }
     }
 }
 
-/// Outcomes over the last `window`, counted in [`BUCKETS`] buckets of a tenth of it each.
+/// Outcomes over the last `window`, counted in [`BUCKETS`] buckets of a tenth of it each. Each bucket is one
+/// atomic word per count: the bucket's number (since the breaker's epoch, wrapping) in the high 32 bits and
+/// its count in the low 32, so a writer that finds an old number starts the bucket afresh and a reader skips
+/// buckets that have left the window. No lock, and nothing to sweep.
 #[derive(Debug)]
 struct Window {
     /// The threshold in millionths, so that the share is compared exactly (0.55 × 20 is not 11 in floats).
     threshold_ppm: u64,
     min_requests: u64,
-    bucket: Duration,
-    start: Instant,
-    /// The bucket number (since `start`) that `requests[current % BUCKETS]` counts.
-    current: u64,
-    requests: [u32; BUCKETS],
-    failures: [u32; BUCKETS],
+    bucket_ns: u64,
+    requests: [AtomicU64; BUCKETS],
+    failures: [AtomicU64; BUCKETS],
 }
 
 impl Window {
-    fn new(rate: FailureRate, now: Instant) -> Self {
+    fn new(rate: FailureRate) -> Self {
+        let bucket = (rate.window / BUCKETS as u32).max(Duration::from_millis(1));
         Self {
             threshold_ppm: (rate.threshold * 1e6).round() as u64,
             min_requests: u64::from(rate.min_requests),
-            bucket: (rate.window / BUCKETS as u32).max(Duration::from_millis(1)),
-            start: now,
-            current: 0,
-            requests: [0; BUCKETS],
-            failures: [0; BUCKETS],
+            bucket_ns: u64::try_from(bucket.as_nanos()).unwrap_or(u64::MAX),
+            requests: Default::default(),
+            failures: Default::default(),
         }
     }
 
-    /// Moves to the bucket of `now`, emptying those that fell out of the window.
-    fn advance(&mut self, now: Instant) {
-        let at =
-            (now.saturating_duration_since(self.start).as_nanos() / self.bucket.as_nanos()) as u64;
-        if at <= self.current {
-            return;
-        }
-        let stale = (at - self.current).min(BUCKETS as u64);
-        for i in 0..stale {
-            let index = ((at - i) % BUCKETS as u64) as usize;
-            self.requests[index] = 0;
-            self.failures[index] = 0;
-        }
-        self.current = at;
+    /// The bucket number of a time (nanoseconds since the epoch), wrapping at 32 bits.
+    fn bucket(&self, elapsed_ns: u64) -> u32 {
+        (elapsed_ns / self.bucket_ns) as u32
     }
 
-    fn record(&mut self, failed: bool, now: Instant) {
-        self.advance(now);
-        let i = (self.current % BUCKETS as u64) as usize;
-        self.requests[i] = self.requests[i].saturating_add(1);
+    fn add(slot: &AtomicU64, at: u32) {
+        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(if (v >> 32) as u32 == at {
+                v.saturating_add(1)
+                    .min(u64::from(at) << 32 | u64::from(u32::MAX))
+            } else {
+                u64::from(at) << 32 | 1
+            })
+        });
+    }
+
+    fn sum(slots: &[AtomicU64; BUCKETS], at: u32) -> u64 {
+        slots
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .filter(|v| at.wrapping_sub((v >> 32) as u32) < BUCKETS as u32)
+            .map(|v| v & u64::from(u32::MAX))
+            .sum()
+    }
+
+    fn record(&self, failed: bool, elapsed_ns: u64) {
+        let at = self.bucket(elapsed_ns);
+        let i = at as usize % BUCKETS;
+        Self::add(&self.requests[i], at);
         if failed {
-            self.failures[i] = self.failures[i].saturating_add(1);
+            Self::add(&self.failures[i], at);
         }
+    }
+
+    fn counts(&self, elapsed_ns: u64) -> (u64, u64) {
+        let at = self.bucket(elapsed_ns);
+        (Self::sum(&self.requests, at), Self::sum(&self.failures, at))
     }
 
     /// True when the window holds at least `min_requests` outcomes and the failure share reaches the
     /// threshold.
-    fn tripped(&self) -> bool {
-        let requests: u64 = self.requests.iter().map(|&n| u64::from(n)).sum();
-        let failures: u64 = self.failures.iter().map(|&n| u64::from(n)).sum();
+    fn tripped(&self, elapsed_ns: u64) -> bool {
+        let (requests, failures) = self.counts(elapsed_ns);
         requests > 0
             && requests >= self.min_requests
             && failures * 1_000_000 >= self.threshold_ppm * requests
     }
 
-    fn clear(&mut self) {
-        self.requests = [0; BUCKETS];
-        self.failures = [0; BUCKETS];
+    /// Empties every bucket: each is marked with a number that is out of the window from now on.
+    fn clear(&self, elapsed_ns: u64) {
+        let stale = u64::from(self.bucket(elapsed_ns).wrapping_sub(BUCKETS as u32)) << 32;
+        for slot in self.requests.iter().chain(&self.failures) {
+            slot.store(stale, Ordering::Release);
+        }
     }
 }
 
@@ -452,8 +566,29 @@ mod tests {
         }
     }
 
+    /// A scope on a manual clock of its own: the tests move time with [`admit_at`] and [`record_at`].
+    fn scope() -> Scope {
+        Scope::detached().with_clock(Clock::manual())
+    }
+
     fn breaker(consecutive: u32, probes: u32) -> Arc<Breaker> {
-        Breaker::new(policy(consecutive, probes, None), Scope::detached())
+        Breaker::new(policy(consecutive, probes, None), scope())
+    }
+
+    /// Moves the breaker's clock to `now` (never back).
+    fn set(b: &Breaker, now: Instant) {
+        let at = b.clock.now();
+        b.clock.advance(now.saturating_duration_since(at));
+    }
+
+    fn admit_at(b: &Arc<Breaker>, now: Instant) -> Admit {
+        set(b, now);
+        b.admit()
+    }
+
+    fn record_at(t: Ticket, failed: bool, now: Instant) {
+        set(&t.breaker, now);
+        t.record(failed);
     }
 
     /// A breaker on the failure rate alone: `threshold` over a 10 s window, at least `min_requests`.
@@ -463,18 +598,18 @@ mod tests {
             min_requests,
             window: Duration::from_secs(10),
         };
-        Breaker::new(policy(0, 1, Some(rate)), Scope::detached())
+        Breaker::new(policy(0, 1, Some(rate)), scope())
     }
 
     fn pass_at(b: &Arc<Breaker>, now: Instant) -> Ticket {
-        match b.admit_at(now) {
+        match admit_at(b, now) {
             Admit::Pass(t) => t,
             Admit::Refuse(d) => panic!("refused for {d:?}"),
         }
     }
 
     fn pass(b: &Arc<Breaker>) -> Ticket {
-        pass_at(b, Instant::now())
+        pass_at(b, b.clock.now())
     }
 
     /// Records `outcomes` (true: failed) one every `every` from `start`; the time of the outcome that opened
@@ -487,7 +622,7 @@ mod tests {
     ) -> Option<Duration> {
         for (i, failed) in outcomes.into_iter().enumerate() {
             let now = start + every * i as u32;
-            pass_at(b, now).record_at(failed, now);
+            record_at(pass_at(b, now), failed, now);
             if b.state() == State::Open {
                 return Some(now - start);
             }
@@ -517,32 +652,32 @@ mod tests {
     #[test]
     fn half_open_admits_only_the_probes_and_their_result_decides() {
         let b = breaker(1, 2);
-        let t0 = Instant::now();
-        pass_at(&b, t0).record_at(true, t0);
-        assert!(matches!(b.admit_at(t0 + 39 * MS), Admit::Refuse(d) if d == MS));
+        let t0 = b.clock.now();
+        record_at(pass_at(&b, t0), true, t0);
+        assert!(matches!(admit_at(&b, t0 + 39 * MS), Admit::Refuse(d) if d == MS));
         let t1 = t0 + 45 * MS;
         let p1 = pass_at(&b, t1);
         let p2 = pass_at(&b, t1);
-        assert!(matches!(b.admit_at(t1), Admit::Refuse(_)));
+        assert!(matches!(admit_at(&b, t1), Admit::Refuse(_)));
         assert_eq!(b.state(), State::HalfOpen);
         // A probe whose request was abandoned frees its slot.
         drop(p2);
         let p3 = pass_at(&b, t1);
-        p1.record_at(true, t1);
+        record_at(p1, true, t1);
         assert_eq!(b.state(), State::Open);
         // The second trip without a success in between stays open twice as long (80 ms).
-        assert!(matches!(b.admit_at(t1 + 79 * MS), Admit::Refuse(d) if d == MS));
+        assert!(matches!(admit_at(&b, t1 + 79 * MS), Admit::Refuse(d) if d == MS));
         drop(p3);
         let t2 = t1 + 80 * MS;
-        pass_at(&b, t2).record_at(true, t2);
+        record_at(pass_at(&b, t2), true, t2);
         // Doubled again, up to the cap of 100 ms.
-        assert!(matches!(b.admit_at(t2 + 99 * MS), Admit::Refuse(d) if d == MS));
+        assert!(matches!(admit_at(&b, t2 + 99 * MS), Admit::Refuse(d) if d == MS));
         let t3 = t2 + 100 * MS;
-        pass_at(&b, t3).record_at(false, t3);
+        record_at(pass_at(&b, t3), false, t3);
         assert_eq!(b.state(), State::Closed);
         // Closed by a success: the next trip starts from the base again.
-        pass_at(&b, t3).record_at(true, t3);
-        assert!(matches!(b.admit_at(t3), Admit::Refuse(d) if d == 40 * MS));
+        record_at(pass_at(&b, t3), true, t3);
+        assert!(matches!(admit_at(&b, t3), Admit::Refuse(d) if d == 40 * MS));
     }
 
     #[test]
@@ -550,12 +685,12 @@ mod tests {
         // The case: threshold 50 %, 41 % failures, the first one a failure (an exponentially
         // weighted average opened here).
         let b = by_rate(0.5, 20);
-        let opened = feed(&b, Instant::now(), 50 * MS, spread(400, 164));
+        let opened = feed(&b, b.clock.now(), 50 * MS, spread(400, 164));
         assert_eq!(opened, None, "41 % opened a 50 % breaker");
         // Failures first, then enough successes to bring the share under the threshold before the minimum.
         let b = by_rate(0.5, 20);
         let outcomes = [true; 9].into_iter().chain([false; 391]);
-        assert_eq!(feed(&b, Instant::now(), 50 * MS, outcomes), None);
+        assert_eq!(feed(&b, b.clock.now(), 50 * MS, outcomes), None);
     }
 
     #[test]
@@ -563,17 +698,17 @@ mod tests {
         // The other case: 55 % did not open within two windows.
         let b = by_rate(0.5, 20);
         // 20 requests per second: the minimum is reached after one second, well within the 10 s window.
-        let opened = feed(&b, Instant::now(), 50 * MS, spread(400, 220));
+        let opened = feed(&b, b.clock.now(), 50 * MS, spread(400, 220));
         let at = opened.expect("55 % never opened a 50 % breaker");
         assert!(at < Duration::from_secs(2), "opened after {at:?}");
         // Exactly the threshold opens too (it is reached, as the policy says).
         let b = by_rate(0.5, 20);
         let alternating = (0..20).map(|i| i % 2 == 1);
-        assert!(feed(&b, Instant::now(), 50 * MS, alternating).is_some());
+        assert!(feed(&b, b.clock.now(), 50 * MS, alternating).is_some());
         // A share that is only reached after it has been lower: the old outcomes still count.
         let b = by_rate(0.5, 20);
         let outcomes = [false; 40].into_iter().chain([true; 40]);
-        let at = feed(&b, Instant::now(), 50 * MS, outcomes).expect("opened");
+        let at = feed(&b, b.clock.now(), 50 * MS, outcomes).expect("opened");
         assert_eq!(
             at,
             79 * 50 * MS,
@@ -584,7 +719,7 @@ mod tests {
     #[test]
     fn the_failure_rate_waits_for_min_requests_in_the_window() {
         let b = by_rate(0.5, 20);
-        let t0 = Instant::now();
+        let t0 = b.clock.now();
         // 19 failures are not enough, however bad the share.
         assert_eq!(feed(&b, t0, 100 * MS, [true; 19]), None);
         // Once they have left the window (10 s later) they no longer count: 19 more still do not open it.
@@ -592,7 +727,7 @@ mod tests {
         assert_eq!(feed(&b, later, 100 * MS, [true; 19]), None);
         // The 20th within the window does.
         let last = later + 19 * 100 * MS;
-        pass_at(&b, last).record_at(true, last);
+        record_at(pass_at(&b, last), true, last);
         assert_eq!(b.state(), State::Open);
     }
 
@@ -603,25 +738,27 @@ mod tests {
             min_requests: 1,
             window: Duration::from_secs(10),
         };
-        let t0 = Instant::now();
-        let mut w = Window::new(rate, t0);
-        for s in 0..10 {
-            w.record(s % 2 == 0, t0 + Duration::from_secs(s));
+        let w = Window::new(rate);
+        let s = |secs: u64| secs * 1_000_000_000;
+        for t in 0..10 {
+            w.record(t % 2 == 0, s(t));
         }
-        assert_eq!(w.requests.iter().sum::<u32>(), 10);
-        w.advance(t0 + Duration::from_secs(13));
-        assert_eq!(w.requests.iter().sum::<u32>(), 6);
-        assert_eq!(w.failures.iter().sum::<u32>(), 3);
-        w.advance(t0 + Duration::from_secs(60));
-        assert_eq!(w.requests.iter().sum::<u32>(), 0);
+        assert_eq!(w.counts(s(9)), (10, 5));
+        assert_eq!(w.counts(s(13)), (6, 3));
+        assert_eq!(w.counts(s(60)), (0, 0));
+        // A bucket reused a window later starts afresh.
+        w.record(true, s(20));
+        assert_eq!(w.counts(s(20)), (1, 1));
+        w.clear(s(20));
+        assert_eq!(w.counts(s(20)), (0, 0));
     }
 
     #[test]
     fn a_trip_refused_by_the_ejection_cap_is_asked_again_on_the_next_failure() {
         let ejections = Ejections::new(0.5, 2);
         let p = policy(2, 1, None);
-        let a = Breaker::with_ejections(p, Scope::detached(), Some(ejections.clone()));
-        let b = Breaker::with_ejections(p, Scope::detached(), Some(ejections.clone()));
+        let a = Breaker::with_ejections(p, scope(), Some(ejections.clone()));
+        let b = Breaker::with_ejections(p, scope(), Some(ejections.clone()));
         for _ in 0..2 {
             pass(&a).record(true);
             pass(&b).record(true);
@@ -635,5 +772,42 @@ mod tests {
         assert_eq!(ejections.ejected(), 1);
         b.readmit();
         assert_eq!((b.state(), ejections.ejected()), (State::Closed, 0));
+    }
+
+    #[test]
+    fn two_threads_failing_at_once_pass_at_most_one_extra_request_each_before_the_gate_shuts() {
+        // Each thread has one request in flight at a time: besides the threshold's five, a thread may have
+        // been admitted before the fifth failure was counted (in flight) or between that count and the
+        // gate's swap (the slip). Neither can happen twice: a thread's own next failure reaches the count.
+        for _ in 0..500 {
+            let b = Breaker::new(
+                BreakerPolicy {
+                    open_base: Duration::from_secs(60),
+                    open_max: Duration::from_secs(60),
+                    ..policy(5, 1, None)
+                },
+                Scope::detached(),
+            );
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let passed: u32 = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (b, barrier) = (b.clone(), barrier.clone());
+                        s.spawn(move || {
+                            barrier.wait();
+                            let mut passed = 0;
+                            while let Admit::Pass(ticket) = b.admit() {
+                                passed += 1;
+                                ticket.record(true);
+                            }
+                            passed
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).sum()
+            });
+            assert!((5..=7).contains(&passed), "{passed} requests passed");
+            assert_eq!(b.state(), State::Open);
+        }
     }
 }

@@ -25,7 +25,7 @@ use crate::policy::traffic::Resilience;
 use breaker::Breaker;
 use budget::RetryBudget;
 use limits::{Concurrency, RateLimit};
-use monitor::{Kind, Scope};
+use monitor::{Hub, Kind, Scope};
 
 /// The live resilience state of one target.
 #[derive(Debug)]
@@ -89,6 +89,7 @@ impl Target {
 pub struct Authorities {
     pub policy: Resilience,
     label: SharedString,
+    hub: Hub,
     map: RwLock<FxHashMap<Box<str>, Tracked>>,
     limit: usize,
     epoch: Instant,
@@ -107,14 +108,15 @@ struct Tracked {
 pub const MAX_AUTHORITIES: usize = 1024;
 
 impl Authorities {
-    pub fn new(policy: &Resilience, label: &'static str) -> Self {
-        Self::with_limit(policy, label, MAX_AUTHORITIES)
+    pub fn new(policy: &Resilience, label: &'static str, hub: Hub) -> Self {
+        Self::with_limit(policy, label, hub, MAX_AUTHORITIES)
     }
 
-    fn with_limit(policy: &Resilience, label: &'static str, limit: usize) -> Self {
+    fn with_limit(policy: &Resilience, label: &'static str, hub: Hub, limit: usize) -> Self {
         Self {
             policy: policy.clone(),
             label: SharedString::const_str(label),
+            hub,
             map: RwLock::new(FxHashMap::default()),
             limit: limit.max(1),
             epoch: Instant::now(),
@@ -159,6 +161,7 @@ impl Authorities {
             service: self.label.clone(),
             endpoint: Some(Arc::from(authority)),
             kind: Kind::Authority,
+            hub: self.hub.clone(),
         };
         let target = Arc::new(Target::new(&self.policy, scope));
         map.insert(
@@ -235,7 +238,7 @@ mod tests {
     use super::*;
 
     fn authorities(limit: usize) -> Authorities {
-        Authorities::with_limit(&Resilience::default(), "external", limit)
+        Authorities::with_limit(&Resilience::default(), "external", Hub::default(), limit)
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! What a breaker reports: its scope, and the transitions the request path sends to the monitor actor
-//! ([`crate::control::monitor`]).
+//! What a breaker reports: its scope, and the transitions the request path sends to its sidecar's monitor
+//! actor ([`crate::control::monitor`]) through that sidecar's [`Hub`].
 //!
-//! The request path changes a breaker's state itself (a breaker that opened a tick late would let a burst of
-//! requests into a failing upstream) and tells the actor with a fire-and-forget message; it never waits on it.
+//! The request path flips a breaker's gate itself (a breaker that opened a tick late would let a burst of
+//! requests into a failing upstream) and tells the actor with a bounded `try_send`; it never waits on it. A
+//! full or closed mailbox loses nothing: the gate has already flipped, and the transition is logged and
+//! counted on the spot instead.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, Weak};
 
-use actix::prelude::{Message, Recipient};
+use actix::prelude::{Message, Recipient, SendError};
 use metrics::SharedString;
 
-use super::breaker::State;
+use super::breaker::{Breaker, State};
+use crate::clock::Clock;
 
 pub use crate::telemetry::names::{
     BREAKER_STATE, BREAKER_TRANSITIONS, CIRCUIT_OPEN, ENDPOINT_BREAKER_STATE, OVERLOADED,
@@ -24,9 +27,45 @@ pub struct Scope {
     /// The endpoint or authority, for logs; for endpoint breakers also a metrics label.
     pub endpoint: Option<Arc<str>>,
     pub kind: Kind,
+    /// The sidecar this breaker belongs to: its clock and its monitor.
+    pub hub: Hub,
 }
 
-/// What a breaker guards.
+/// What every breaker of one sidecar shares: the clock it reads and the monitor it reports to. Each sidecar
+/// has its own, so two sidecars in one process never report each other's transitions.
+#[derive(Debug, Clone, Default)]
+pub struct Hub {
+    pub clock: Clock,
+    sink: Arc<OnceLock<Recipient<Transition>>>,
+}
+
+impl Hub {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            sink: Arc::default(),
+        }
+    }
+
+    /// The monitor started: transitions go to it from now on. False when one was connected already.
+    pub fn connect(&self, monitor: Recipient<Transition>) -> bool {
+        self.sink.set(monitor).is_ok()
+    }
+
+    /// Reports a transition to the monitor without waiting; logged and counted here when its mailbox is full,
+    /// or when no monitor runs.
+    pub fn transition(&self, event: Transition) {
+        let event = match self.sink.get() {
+            Some(sink) => match sink.try_send(event) {
+                Ok(()) => return,
+                Err(SendError::Full(event) | SendError::Closed(event)) => event,
+            },
+            None => event,
+        };
+        report(&event);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A service of the registry.
@@ -44,6 +83,15 @@ impl Scope {
             service: SharedString::const_str("none"),
             endpoint: None,
             kind: Kind::Authority,
+            hub: Hub::default(),
+        }
+    }
+
+    /// The same scope reading `clock` (unit tests and benches).
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self {
+            hub: Hub::new(clock),
+            ..self
         }
     }
 }
@@ -54,26 +102,8 @@ impl Scope {
 pub struct Transition {
     pub scope: Scope,
     pub to: State,
-}
-
-static SINK: RwLock<Option<Recipient<Transition>>> = RwLock::new(None);
-
-/// Where transitions go from now on: the monitor actor ([`crate::control::monitor`]) while it runs, else the log.
-pub fn set_sink(sink: Option<Recipient<Transition>>) {
-    *SINK.write().unwrap_or_else(|p| p.into_inner()) = sink;
-}
-
-/// Reports a transition to the monitor (fire and forget), or logs it when no monitor runs.
-pub fn transition(scope: &Scope, to: State) {
-    let event = Transition {
-        scope: scope.clone(),
-        to,
-    };
-    let sink = SINK.read().unwrap_or_else(|p| p.into_inner()).clone();
-    match sink {
-        Some(sink) => sink.do_send(event),
-        None => report(&event),
-    }
+    /// The breaker, so that the monitor can move an open one to half-open when its time is up.
+    pub breaker: Weak<Breaker>,
 }
 
 /// Logs and counts a transition.
