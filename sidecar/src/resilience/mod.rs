@@ -3,8 +3,9 @@
 //!
 //! Owns: the live state of each target ([`Target`]): a service of the registry, or an authority reached by URL
 //! or by dispatch rules ([`Authorities`]). The state is built from the policy and carried across reloads while
-//! the target's policy is unchanged. The request path enforces it with atomics and short uncontended locks,
-//! never an actor round trip; the [`monitor`] actor reports transitions and runs the timers.
+//! the target's policy is unchanged. The request path enforces it with atomics (breakers) and short locks
+//! (the retry budget, the authority map), never an actor round trip; the sidecar's monitor actor
+//! ([`crate::control::monitor`]) reports transitions and runs the open timers.
 //! Does not own: the policy's shape and defaults ([`crate::policy::traffic`]), or the forwarding loop that
 //! uses all this ([`crate::dispatch::admit`] and [`crate::dispatch::attempt`]).
 
