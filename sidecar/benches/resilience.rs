@@ -51,6 +51,7 @@ fn benches(c: &mut Criterion) {
 
     let budget = sidecar::resilience::budget::RetryBudget::new(
         defaults.retries.budget.expect("a default budget"),
+        sidecar::clock::Clock::system(),
     );
     c.bench_function("budget/deposit", |b| b.iter(|| budget.deposit()));
 

@@ -8,7 +8,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub struct FxHasher(u64);
 
 /// A map whose keys come from the operator's policy or this worker's own traffic, hashed with [`FxHasher`].
-pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+pub type FxHashMap<K, V> = HashMap<K, V, FxBuildHasher>;
+
+/// Builds [`FxHasher`]s, for maps other than std's.
+pub type FxBuildHasher = BuildHasherDefault<FxHasher>;
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {

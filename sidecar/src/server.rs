@@ -463,6 +463,7 @@ impl MeshState {
                                 inbound,
                                 mesh.headers_with_underscores,
                                 Some(&current),
+                                &snapshot.load().hub.clock,
                             )));
                             if slot.is_some() {
                                 done.push(Ok(format!(
@@ -475,7 +476,11 @@ impl MeshState {
                     }
                     None => self
                         .settings
-                        .insert(Settings::shared(inbound, mesh.headers_with_underscores))
+                        .insert(Settings::shared(
+                            inbound,
+                            mesh.headers_with_underscores,
+                            &snapshot.load().hub.clock,
+                        ))
                         .clone(),
                 };
                 let build = inbound_builder(
@@ -682,10 +687,9 @@ pub fn start(
     };
     let mesh = match (policy.mesh.as_ref(), identity) {
         (Some(mesh), Some(identity)) => {
-            let settings = mesh
-                .inbound
-                .as_ref()
-                .map(|inbound| Settings::shared(inbound, mesh.headers_with_underscores));
+            let settings = mesh.inbound.as_ref().map(|inbound| {
+                Settings::shared(inbound, mesh.headers_with_underscores, &options.clock)
+            });
             let inbound = match (inbound_listener, &settings) {
                 (Some((listener, _)), Some(settings)) => Some(Built::new(
                     listener,

@@ -6,8 +6,8 @@
 //! per-request context ([`Exchange`]).
 //!
 //! Any failure becomes a [`ProxyError`] response. No actor round trip and no header copy: the app's header
-//! map is moved into the upstream request and the upstream's into the response. The locks a request may take
-//! are named in `docs/request-path.md`.
+//! map is moved into the upstream request and the upstream's into the response. No lock either: what the
+//! shared per-target state costs instead is in `docs/request-path.md`.
 
 use std::cell::Cell;
 use std::mem;

@@ -28,6 +28,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 
 use crate::access_log::Sampler;
+use crate::clock::Clock;
 use crate::dispatch::admit::{Asking, Gates, admit};
 use crate::dispatch::body::{Body, request_body};
 use crate::dispatch::exchange::{Exchange, Listener};
@@ -114,7 +115,12 @@ pub type SharedSettings = Arc<ArcSwap<Settings>>;
 impl Settings {
     /// The settings of `inbound`; the limits (and their buckets and slots) of `previous` are kept when their
     /// policies did not change, so a reload of other settings does not refill every peer's bucket.
-    pub fn new(inbound: &Inbound, underscores: UnderscoreAction, previous: Option<&Self>) -> Self {
+    pub fn new(
+        inbound: &Inbound,
+        underscores: UnderscoreAction,
+        previous: Option<&Self>,
+        clock: &Clock,
+    ) -> Self {
         let policies = (inbound.rate_limit.clone(), inbound.concurrency);
         let limits = match previous {
             Some(p) if p.limits.policies == policies => p.limits.clone(),
@@ -122,7 +128,7 @@ impl Settings {
                 rate: policies
                     .0
                     .clone()
-                    .map(|p| RateLimit::new(p, Arc::from(INBOUND))),
+                    .map(|p| RateLimit::new(p, Arc::from(INBOUND), clock.clone())),
                 concurrency: policies.1.map(Concurrency::new),
                 policies,
             }),
@@ -137,8 +143,17 @@ impl Settings {
         }
     }
 
-    pub fn shared(inbound: &Inbound, underscores: UnderscoreAction) -> SharedSettings {
-        Arc::new(ArcSwap::from_pointee(Self::new(inbound, underscores, None)))
+    pub fn shared(
+        inbound: &Inbound,
+        underscores: UnderscoreAction,
+        clock: &Clock,
+    ) -> SharedSettings {
+        Arc::new(ArcSwap::from_pointee(Self::new(
+            inbound,
+            underscores,
+            None,
+            clock,
+        )))
     }
 }
 

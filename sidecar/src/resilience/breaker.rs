@@ -2,7 +2,8 @@
 //! probes, closed again on a probe's success.
 //!
 //! Failures accrue two ways, each optional: failures in a row, and the failure share over a sliding window
-//! ([`Window`]: outcomes counted in [`BUCKETS`] time buckets, judged once the window holds `min_requests`).
+//! ([`Window`]: outcomes counted in [`BUCKETS`] time buckets, so the share is over the last `window` give or
+//! take a tenth of it, judged once the window holds `min_requests`).
 //!
 //! No lock: the request path reads one atomic word, the [`Gate`] (state, probes taken, end of the open
 //! time), and records an outcome with atomic counters. Every transition is a compare-and-swap of the gate, so
@@ -22,13 +23,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::buckets::{BUCKETS, Buckets};
 use super::monitor::{Scope, Transition};
 use crate::clock::Clock;
 use crate::policy::traffic::{BreakerPolicy, FailureRate};
-
-/// The failure-rate window is kept as this many buckets; the oldest expires as time moves on, so the share
-/// is over the last `window` give or take one bucket (a tenth).
-pub const BUCKETS: usize = 10;
 
 /// A breaker's state, as metrics and the admin state show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,18 +464,16 @@ impl Breaker {
     }
 }
 
-/// Outcomes over the last `window`, counted in [`BUCKETS`] buckets of a tenth of it each. Each bucket is one
-/// atomic word per count: the bucket's number (since the breaker's epoch, wrapping) in the high 32 bits and
-/// its count in the low 32, so a writer that finds an old number starts the bucket afresh and a reader skips
-/// buckets that have left the window. No lock, and nothing to sweep.
+/// Outcomes over the last `window`, counted in [`BUCKETS`] lock-free buckets of a tenth of it each
+/// ([`super::buckets`]).
 #[derive(Debug)]
 struct Window {
     /// The threshold in millionths, so that the share is compared exactly (0.55 × 20 is not 11 in floats).
     threshold_ppm: u64,
     min_requests: u64,
     bucket_ns: u64,
-    requests: [AtomicU64; BUCKETS],
-    failures: [AtomicU64; BUCKETS],
+    requests: Buckets,
+    failures: Buckets,
 }
 
 impl Window {
@@ -487,8 +483,8 @@ impl Window {
             threshold_ppm: (rate.threshold * 1e6).round() as u64,
             min_requests: u64::from(rate.min_requests),
             bucket_ns: u64::try_from(bucket.as_nanos()).unwrap_or(u64::MAX),
-            requests: Default::default(),
-            failures: Default::default(),
+            requests: Buckets::default(),
+            failures: Buckets::default(),
         }
     }
 
@@ -497,38 +493,17 @@ impl Window {
         (elapsed_ns / self.bucket_ns) as u32
     }
 
-    fn add(slot: &AtomicU64, at: u32) {
-        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-            Some(if (v >> 32) as u32 == at {
-                v.saturating_add(1)
-                    .min(u64::from(at) << 32 | u64::from(u32::MAX))
-            } else {
-                u64::from(at) << 32 | 1
-            })
-        });
-    }
-
-    fn sum(slots: &[AtomicU64; BUCKETS], at: u32) -> u64 {
-        slots
-            .iter()
-            .map(|s| s.load(Ordering::Acquire))
-            .filter(|v| at.wrapping_sub((v >> 32) as u32) < BUCKETS as u32)
-            .map(|v| v & u64::from(u32::MAX))
-            .sum()
-    }
-
     fn record(&self, failed: bool, elapsed_ns: u64) {
         let at = self.bucket(elapsed_ns);
-        let i = at as usize % BUCKETS;
-        Self::add(&self.requests[i], at);
+        self.requests.add(at);
         if failed {
-            Self::add(&self.failures[i], at);
+            self.failures.add(at);
         }
     }
 
     fn counts(&self, elapsed_ns: u64) -> (u64, u64) {
         let at = self.bucket(elapsed_ns);
-        (Self::sum(&self.requests, at), Self::sum(&self.failures, at))
+        (self.requests.sum(at), self.failures.sum(at))
     }
 
     /// True when the window holds at least `min_requests` outcomes and the failure share reaches the
@@ -540,12 +515,11 @@ impl Window {
             && failures * 1_000_000 >= self.threshold_ppm * requests
     }
 
-    /// Empties every bucket: each is marked with a number that is out of the window from now on.
+    /// Empties every bucket.
     fn clear(&self, elapsed_ns: u64) {
-        let stale = u64::from(self.bucket(elapsed_ns).wrapping_sub(BUCKETS as u32)) << 32;
-        for slot in self.requests.iter().chain(&self.failures) {
-            slot.store(stale, Ordering::Release);
-        }
+        let at = self.bucket(elapsed_ns);
+        self.requests.clear(at);
+        self.failures.clear(at);
     }
 }
 

@@ -7,104 +7,77 @@
 //! first failures of a new target can be retried. A burst of floor retries at start-up therefore cannot be
 //! followed by a second full burst when it expires: over any run of T ≥ 1 seconds the floor adds at most
 //! `min_per_second` × T.
+//!
+//! No lock: requests and retries are counted in [`super::buckets`], one atomic word per tenth of the window.
+//! A withdrawal reads the window and then counts itself, so retries that workers withdraw at the same instant
+//! can pass the limit by at most one each (there are as many as workers, not more). Time comes from the
+//! sidecar's [`Clock`].
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::buckets::{BUCKETS, Buckets};
+use crate::clock::Clock;
 use crate::policy::traffic::BudgetPolicy;
-
-/// The window is kept as this many slots; the oldest expires as time moves on.
-const SLOTS: usize = 10;
 
 #[derive(Debug)]
 pub struct RetryBudget {
     policy: BudgetPolicy,
-    slot: Duration,
-    ring: Mutex<Ring>,
-}
-
-#[derive(Debug)]
-struct Ring {
-    start: Instant,
-    /// The slot number (since `start`) that `slots[current % SLOTS]` counts.
-    current: u64,
-    requests: [u64; SLOTS],
-    retries: [u64; SLOTS],
-}
-
-impl Ring {
-    fn advance(&mut self, slot: Duration, now: Instant) {
-        let at =
-            (now.saturating_duration_since(self.start).as_nanos() / slot.as_nanos().max(1)) as u64;
-        if at <= self.current {
-            return;
-        }
-        let stale = (at - self.current).min(SLOTS as u64);
-        for i in 0..stale {
-            let index = ((at - i) % SLOTS as u64) as usize;
-            self.requests[index] = 0;
-            self.retries[index] = 0;
-        }
-        self.current = at;
-    }
-
-    fn index(&self) -> usize {
-        (self.current % SLOTS as u64) as usize
-    }
+    slot_ns: u64,
+    clock: Clock,
+    epoch: Instant,
+    requests: Buckets,
+    retries: Buckets,
 }
 
 impl RetryBudget {
-    pub fn new(policy: BudgetPolicy) -> Self {
+    pub fn new(policy: BudgetPolicy, clock: Clock) -> Self {
+        let slot = (policy.window / BUCKETS as u32).max(Duration::from_millis(1));
         Self {
             policy,
-            slot: policy.window / SLOTS as u32,
-            ring: Mutex::new(Ring {
-                start: Instant::now(),
-                current: 0,
-                requests: [0; SLOTS],
-                retries: [0; SLOTS],
-            }),
+            slot_ns: u64::try_from(slot.as_nanos()).unwrap_or(u64::MAX),
+            epoch: clock.now(),
+            clock,
+            requests: Buckets::default(),
+            retries: Buckets::default(),
         }
     }
 
-    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    /// Nanoseconds since the epoch, and the slot number they fall in.
+    fn now(&self) -> (u64, u64) {
+        let elapsed = self.clock.now().saturating_duration_since(self.epoch);
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        (ns, ns / self.slot_ns)
     }
 
     /// Counts one request (not its retries).
     pub fn deposit(&self) {
-        let mut ring = self.ring();
-        ring.advance(self.slot, Instant::now());
-        let i = ring.index();
-        ring.requests[i] += 1;
+        let (_, at) = self.now();
+        self.requests.add(at as u32);
     }
 
     /// Requests and retries in the window now, for the admin state.
     pub fn usage(&self) -> (u64, u64) {
-        let mut ring = self.ring();
-        ring.advance(self.slot, Instant::now());
-        (ring.requests.iter().sum(), ring.retries.iter().sum())
+        let (_, at) = self.now();
+        (self.requests.sum(at as u32), self.retries.sum(at as u32))
     }
 
     /// Takes one retry from the budget, or says it is spent.
     pub fn try_withdraw(&self) -> bool {
-        let mut ring = self.ring();
-        ring.advance(self.slot, Instant::now());
-        let requests: u64 = ring.requests.iter().sum();
-        let retries: u64 = ring.retries.iter().sum();
-        let now = Instant::now();
-        let age = now.saturating_duration_since(ring.start);
+        let (age, at) = self.now();
+        let requests = self.requests.sum(at as u32);
+        let retries = self.retries.sum(at as u32);
         // The slots before the current one, plus the part of the current one that has passed.
-        let into_current = age.saturating_sub(self.slot * ring.current as u32);
-        let span = (self.slot * (SLOTS as u32 - 1) + into_current).min(age);
+        let into_current = age - at * self.slot_ns;
+        let span_ns = (self.slot_ns * (BUCKETS as u64 - 1))
+            .saturating_add(into_current)
+            .min(age);
         let per_second = f64::from(self.policy.min_per_second);
-        let floor = (per_second * span.as_secs_f64()).max(per_second);
+        let floor = (per_second * span_ns as f64 / 1e9).max(per_second);
         let allowed = self.policy.ratio * requests as f64 + floor;
         if (retries + 1) as f64 > allowed {
             return false;
         }
-        let i = ring.index();
-        ring.retries[i] += 1;
+        self.retries.add(at as u32);
         true
     }
 }
@@ -113,12 +86,19 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
+    fn budget_on(clock: &Clock, ratio: f64, min_per_second: u32) -> RetryBudget {
+        RetryBudget::new(
+            BudgetPolicy {
+                ratio,
+                min_per_second,
+                window: Duration::from_secs(10),
+            },
+            clock.clone(),
+        )
+    }
+
     fn budget(ratio: f64, min_per_second: u32) -> RetryBudget {
-        RetryBudget::new(BudgetPolicy {
-            ratio,
-            min_per_second,
-            window: Duration::from_secs(10),
-        })
+        budget_on(&Clock::manual(), ratio, min_per_second)
     }
 
     #[test]
@@ -145,16 +125,32 @@ mod tests {
 
     #[test]
     fn old_slots_expire() {
-        let mut ring = Ring {
-            start: Instant::now(),
-            current: 0,
-            requests: [1; SLOTS],
-            retries: [1; SLOTS],
-        };
-        let slot = Duration::from_secs(1);
-        ring.advance(slot, ring.start + Duration::from_secs(3));
-        assert_eq!(ring.requests.iter().sum::<u64>(), 7);
-        ring.advance(slot, ring.start + Duration::from_secs(60));
-        assert_eq!(ring.requests.iter().sum::<u64>(), 0);
+        let clock = Clock::manual();
+        let b = budget_on(&clock, 0.2, 0);
+        // One request in each one-second slot of the ten-second window.
+        for second in 0..10 {
+            if second > 0 {
+                clock.advance(Duration::from_secs(1));
+            }
+            b.deposit();
+        }
+        assert_eq!(b.usage().0, 10);
+        // At 12 s the window is slots 3..=12: the requests of seconds 0, 1 and 2 have left it.
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(b.usage().0, 7);
+        clock.advance(Duration::from_secs(48));
+        assert_eq!(b.usage(), (0, 0));
+    }
+
+    #[test]
+    fn the_floor_grows_with_the_window_the_budget_has_seen() {
+        let clock = Clock::manual();
+        let b = budget_on(&clock, 0.0, 2);
+        // New: one second's floor (2) at once, not the whole window's.
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), 2);
+        // After 10 s the window spans nine whole slots and the current one's start: 18 retries in it, of
+        // which the two first have left.
+        clock.advance(Duration::from_secs(10));
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), 18);
     }
 }

@@ -3,25 +3,26 @@
 //!
 //! Owns: the live state of each target ([`Target`]): a service of the registry, or an authority reached by URL
 //! or by dispatch rules ([`Authorities`]). The state is built from the policy and carried across reloads while
-//! the target's policy is unchanged. The request path enforces it with atomics (breakers) and short locks
-//! (the retry budget, the authority map), never an actor round trip; the sidecar's monitor actor
+//! the target's policy is unchanged. The request path enforces it with atomics and lock-free maps, never a
+//! lock or an actor round trip; the sidecar's monitor actor
 //! ([`crate::control::monitor`]) reports transitions and runs the open timers.
 //! Does not own: the policy's shape and defaults ([`crate::policy::traffic`]), or the forwarding loop that
 //! uses all this ([`crate::dispatch::admit`] and [`crate::dispatch::attempt`]).
 
 pub mod breaker;
+pub mod buckets;
 pub mod budget;
 pub mod limits;
 pub mod monitor;
 pub mod retry;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use metrics::SharedString;
 
-use crate::fxhash::FxHashMap;
+use crate::fxhash::FxBuildHasher;
 use crate::policy::traffic::Resilience;
 use breaker::Breaker;
 use budget::RetryBudget;
@@ -65,12 +66,19 @@ impl Target {
 
     pub fn new(policy: &Resilience, scope: Scope) -> Self {
         let name: Arc<str> = Arc::from(scope.service.as_ref());
+        let clock = scope.hub.clock.clone();
         Self {
             policy: policy.clone(),
-            breaker: policy.breaker.map(|p| Breaker::new(p, scope)),
-            budget: policy.retries.budget.map(RetryBudget::new),
+            budget: policy
+                .retries
+                .budget
+                .map(|p| RetryBudget::new(p, clock.clone())),
             concurrency: policy.concurrency.map(Concurrency::new),
-            rate_limit: policy.rate_limit.clone().map(|p| RateLimit::new(p, name)),
+            rate_limit: policy
+                .rate_limit
+                .clone()
+                .map(|p| RateLimit::new(p, name, clock)),
+            breaker: policy.breaker.map(|p| Breaker::new(p, scope)),
         }
     }
 }
@@ -82,17 +90,21 @@ impl Target {
 /// that tries many authorities cannot make the others share a breaker. A forgotten authority that is called
 /// again starts afresh. `GET /admin/targets` lists the same bounded set.
 ///
-/// A known authority costs what it did before eviction existed: a read lock, a lookup and an `Arc` clone,
-/// plus one relaxed atomic read (and at most one store per clock tick) for its last use. The clock is coarse
-/// and cheap: milliseconds since creation, advanced when an authority is added (so it runs fine while new
-/// authorities pour in, when eviction matters) and by the monitor's tick every second.
+/// No lock on the way of a request: the map is papaya's, whose lookups and inserts never wait. A known
+/// authority costs a lookup, an `Arc` clone and one relaxed atomic read (and at most one store per clock
+/// tick) for its last use. Only eviction is serialised, by a mutex that a request tries and never waits
+/// for: while one request evicts, the others insert past the bound (by at most one each) and go on. The
+/// clock of last uses is coarse and cheap: milliseconds since creation, advanced when an authority is added
+/// (so it runs fine while new authorities pour in, when eviction matters) and by the monitor's tick every
+/// second.
 #[derive(Debug)]
 pub struct Authorities {
     pub policy: Resilience,
     label: SharedString,
     hub: Hub,
-    map: RwLock<FxHashMap<Box<str>, Tracked>>,
+    map: papaya::HashMap<Box<str>, Tracked, FxBuildHasher>,
     limit: usize,
+    evicting: Mutex<()>,
     epoch: Instant,
     /// Milliseconds since `epoch`, as of the last advance.
     clock: AtomicU64,
@@ -117,22 +129,18 @@ impl Authorities {
         Self {
             policy: policy.clone(),
             label: SharedString::const_str(label),
+            epoch: hub.clock.now(),
             hub,
-            map: RwLock::new(FxHashMap::default()),
+            map: papaya::HashMap::with_hasher(FxBuildHasher::default()),
             limit: limit.max(1),
-            epoch: Instant::now(),
+            evicting: Mutex::new(()),
             clock: AtomicU64::new(0),
         }
     }
 
     /// The state of one authority (`scheme://host:port`).
     pub fn get(&self, authority: &str) -> Arc<Target> {
-        if let Some(t) = self
-            .map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(authority)
-        {
+        if let Some(t) = self.map.pin().get(authority) {
             let now = self.clock.load(Ordering::Relaxed);
             if t.used.load(Ordering::Relaxed) != now {
                 t.used.store(now, Ordering::Relaxed);
@@ -144,48 +152,54 @@ impl Authorities {
 
     /// Advances the coarse clock to the real one and returns it.
     fn advance(&self) -> u64 {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self
+            .hub
+            .clock
+            .now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64;
         self.clock.fetch_max(now, Ordering::Relaxed).max(now)
     }
 
     fn add(&self, authority: &str) -> Arc<Target> {
         let now = self.advance();
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = map.get(authority) {
-            t.used.store(now, Ordering::Relaxed);
-            return t.target.clone();
+        if self.map.len() >= self.limit
+            && let Ok(_one_at_a_time) = self.evicting.try_lock()
+        {
+            self.evict();
         }
-        if map.len() >= self.limit {
-            self.evict(&mut map);
-        }
-        let scope = Scope {
-            service: self.label.clone(),
-            endpoint: Some(Arc::from(authority)),
-            kind: Kind::Authority,
-            hub: self.hub.clone(),
-        };
-        let target = Arc::new(Target::new(&self.policy, scope));
-        map.insert(
-            Box::from(authority),
+        let map = self.map.pin();
+        let tracked = map.get_or_insert_with(Box::from(authority), || {
+            let scope = Scope {
+                service: self.label.clone(),
+                endpoint: Some(Arc::from(authority)),
+                kind: Kind::Authority,
+                hub: self.hub.clone(),
+            };
             Tracked {
-                target: target.clone(),
+                target: Arc::new(Target::new(&self.policy, scope)),
                 used: AtomicU64::new(now),
-            },
-        );
-        target
+            }
+        });
+        tracked.used.store(now, Ordering::Relaxed);
+        tracked.target.clone()
     }
 
     /// Forgets the least recently used eighth of the authorities (at least one), preferring those no request
     /// holds: one pass over the map per `limit / 8` new authorities.
-    fn evict(&self, map: &mut FxHashMap<Box<str>, Tracked>) {
+    fn evict(&self) {
+        let map = self.map.pin();
         let rank = |t: &Tracked| {
             (
                 Arc::strong_count(&t.target) > 1,
                 t.used.load(Ordering::Relaxed),
             )
         };
-        let count = (self.limit / 8).clamp(1, map.len());
         let mut ranks: Vec<(bool, u64)> = map.values().map(rank).collect();
+        if ranks.is_empty() {
+            return;
+        }
+        let count = (self.limit / 8).clamp(1, ranks.len());
         let (_, &mut cutoff, _) = ranks.select_nth_unstable(count - 1);
         // Everything ranked below the cutoff goes, and of those tied with it only as many as make `count`.
         let below = ranks.iter().filter(|&&r| r < cutoff).count();
@@ -205,8 +219,9 @@ impl Authorities {
 
     /// Every authority's state, by authority.
     pub fn state(&self) -> serde_json::Value {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        let all: serde_json::Map<String, serde_json::Value> = map
+        let all: serde_json::Map<String, serde_json::Value> = self
+            .map
+            .pin()
             .iter()
             .map(|(authority, t)| (authority.to_string(), t.target.state()))
             .collect();
@@ -216,8 +231,7 @@ impl Authorities {
     /// Evicts idle rate-limit keys of every authority, and moves the clock of last uses on (every second).
     pub fn evict_idle(&self) {
         self.advance();
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        for t in map.values() {
+        for t in self.map.pin().values() {
             if let Some(limit) = &t.target.rate_limit {
                 limit.evict_idle();
             }
@@ -226,7 +240,7 @@ impl Authorities {
 
     /// Authorities tracked now.
     pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
