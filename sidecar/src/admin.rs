@@ -28,10 +28,11 @@ use crate::snapshot::SharedSnapshot;
 /// Set once a SIGTERM/SIGINT starts the drain; readiness turns false.
 pub type Draining = Arc<AtomicBool>;
 
-async fn metrics() -> HttpResponse {
+async fn metrics(snapshot: web::Data<SharedSnapshot>) -> HttpResponse {
+    let metrics = snapshot.load().hub.metrics;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(crate::telemetry::render())
+        .body(metrics.render())
 }
 
 async fn healthz() -> HttpResponse {
@@ -185,8 +186,11 @@ pub fn server(
     listener: TcpListener,
 ) -> std::io::Result<Server> {
     let (handle, draining) = (web::Data::new(handle), web::Data::new(draining));
+    let recorder = snapshot.load().hub.metrics;
     let (snapshot, identity) = (web::Data::new(snapshot), web::Data::new(identity));
     Ok(HttpServer::new(move || {
+        // Once per worker thread: the thread is this sidecar's, and counts into its recorder.
+        recorder.enter_thread();
         App::new()
             .wrap(from_fn(refuse_cross_site))
             .app_data(handle.clone())

@@ -26,7 +26,7 @@
 //!   `/admin/reload`, `/admin/targets`, `/admin/mesh`).
 //! - [`resilience`]: per-target retries with budgets, circuit breakers, concurrency and rate limits (their
 //!   settings are [`policy::traffic`]; the actor that reports on them is [`control::monitor`]).
-//! - [`telemetry`]: the Prometheus recorder, every metric's name ([`telemetry::names`]) and request timing.
+//! - [`telemetry`]: each sidecar's Prometheus recorder, every metric's name ([`telemetry::names`]) and request timing.
 //! - [`upstream`]: where a request goes (a parsed URL, destination or endpoint); a value type, a leaf.
 //! - [`fxhash`]: the fast hasher of the per-worker and per-target maps; a leaf.
 //! - [`traces`]: OpenTelemetry spans per request and per attempt, W3C/B3 propagation, OTLP export.

@@ -140,8 +140,11 @@ impl EgressFactory {
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let identity = self.identity.clone();
+        let metrics = snapshot.load().hub.metrics;
         let server = HttpServer::new(move || {
-            // Runs once per worker thread: the awc client is !Send and lives with its worker.
+            // Runs once per worker thread: the awc client is !Send and lives with its worker, and the thread
+            // is this sidecar's, counting into its recorder.
+            metrics.enter_thread();
             let forwarder = Rc::new(Forwarder::new(
                 snapshot.clone(),
                 tls.clone(),
@@ -645,6 +648,18 @@ pub fn start(
     listeners: Listeners,
     options: RunOptions,
 ) -> std::io::Result<Running> {
+    let metrics = crate::telemetry::Metrics::new();
+    metrics.scope(|| start_in(source, policy, listeners, options, metrics))
+}
+
+/// [`start`], with the sidecar's recorder as the thread's.
+fn start_in(
+    source: PolicySource,
+    policy: Policy,
+    listeners: Listeners,
+    options: RunOptions,
+    metrics: crate::telemetry::Metrics,
+) -> std::io::Result<Running> {
     crate::install_crypto_provider();
     let fail = |e: anyhow::Error| std::io::Error::other(format!("{e:#}"));
     // The mesh certificates: read and checked now, so a bad file stops start-up with its reason; then watched.
@@ -660,7 +675,7 @@ pub fn start(
         Some(mesh) => crate::mesh::bind(mesh).map_err(fail)?,
         None => None,
     };
-    let hub = crate::resilience::monitor::Hub::new(options.clock.clone());
+    let hub = crate::resilience::monitor::Hub::new(options.clock.clone(), metrics);
     let snapshot = Snapshot::shared(&policy, hub);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
@@ -725,17 +740,19 @@ pub fn start(
     if let Some(addr) = inbound {
         tracing::info!(%addr, "mesh inbound listener (mTLS) ready");
     }
-    if crate::telemetry::recorder().is_some() {
-        actix::Actor::start(crate::telemetry::Upkeep);
+    // The control plane's actors run on this thread, which other sidecars may share: each poll of theirs
+    // records into this sidecar's recorder.
+    if metrics.is_enabled() {
+        metrics.start(crate::telemetry::Upkeep(metrics));
     }
-    actix::Actor::start(crate::control::monitor::Monitor::new(snapshot.clone()));
-    actix::Actor::start(crate::control::discovery::Discovery::new(snapshot.clone()));
-    actix::Actor::start(crate::control::health::HealthChecker::new(
+    metrics.start(crate::control::monitor::Monitor::new(snapshot.clone()));
+    metrics.start(crate::control::discovery::Discovery::new(snapshot.clone()));
+    metrics.start(crate::control::health::HealthChecker::new(
         snapshot.clone(),
         &policy.upstream,
     ));
     if let Some(mesh) = &mesh {
-        actix::Actor::start(crate::control::cert_watcher::CertWatcher(
+        metrics.start(crate::control::cert_watcher::CertWatcher(
             mesh.identity.clone(),
         ));
     }
@@ -750,7 +767,7 @@ pub fn start(
     let (egress, admin) = servers.bound();
     let store =
         PolicyStore::new(source, policy, snapshot.clone()).with_listeners(Box::new(servers));
-    context.run(store);
+    metrics.run(context, store);
     if options.signals {
         reload_on_sighup(handle.clone());
         drain_on_termination(tasks.clone(), draining.clone());

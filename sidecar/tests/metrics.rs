@@ -13,7 +13,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{DEADLINE, RawUpstream, Sidecar, get, request};
+use support::{DEADLINE, RawUpstream, Sidecar, get, request, response};
 
 /// A Prometheus server on loopback, stopped on drop.
 struct Prometheus {
@@ -235,7 +235,6 @@ fn sample(scrape: &str, series: &str) -> f64 {
 async fn every_refusal_is_counted_once_under_its_service_and_reason() {
     let upstream = RawUpstream::ok().await;
     let (held, arrived, release) = support::held_upstream().await;
-    // Service names of this test's own, so no other sidecar of this test binary counts into these series.
     let sidecar = Sidecar::start(&format!(
         "services:\n  refusals-limited:\n    endpoints: ['{}']\n    rate_limit:\n      rate: 1/m\n      burst: 1\n  refusals-full:\n    endpoints: ['{held}']\n    concurrency:\n      max_in_flight: 1\n      queue: 0\n",
         upstream.addr
@@ -287,4 +286,87 @@ async fn every_refusal_is_counted_once_under_its_service_and_reason() {
         0.0
     );
     sidecar.stop().await;
+}
+
+/// The sum of every sample of `name` whose labels include all of `labels`, in a scrape.
+fn total(scrape: &str, name: &str, labels: &[&str]) -> f64 {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[actix_rt::test]
+async fn two_sidecars_in_one_process_count_only_their_own() {
+    // The same service name in both, on the same thread: what one counts must not show in the other's
+    // scrape, neither the requests its workers served nor the transition its monitor actor reported.
+    let failing = RawUpstream::start(|_| response(500, &[("content-length", "0")], b"")).await;
+    let fine = RawUpstream::ok().await;
+    let policy = |endpoint: std::net::SocketAddr| {
+        format!(
+            "services:\n  twins:\n    endpoints: ['{endpoint}']\n    retries:\n      max_retries: 0\n    circuit_breaker:\n      consecutive_failures: 2\n      failure_rate:\n        enabled: false\n"
+        )
+    };
+    let first = Sidecar::start(&policy(failing.addr));
+    let second = Sidecar::start(&policy(fine.addr));
+    let call = |sidecar: &Sidecar| {
+        let addr = sidecar.addr;
+        async move {
+            get(addr, "/", &[("target", "twins"), ("internal", "true")])
+                .await
+                .status
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(call(&first).await, 500);
+    }
+    assert_eq!(call(&first).await, 503, "the breaker is open");
+    for _ in 0..4 {
+        assert_eq!(call(&second).await, 200);
+    }
+
+    let opened = ["service=\"twins\"", "state=\"open\""];
+    let scrape = |sidecar: &Sidecar| {
+        let admin = sidecar.admin;
+        async move { get(admin, "/metrics", &[]).await.text() }
+    };
+    support::eventually("the first sidecar's monitor counts the opening", || async {
+        total(
+            &scrape(&first).await,
+            "sidecar_circuit_breaker_transitions_total",
+            &opened,
+        ) == 1.0
+    })
+    .await;
+    let (one, two) = (scrape(&first).await, scrape(&second).await);
+    let served = |s: &str, class: &str| {
+        total(
+            s,
+            "http_server_request_duration_seconds_count",
+            &["service=\"twins\"", &format!("status_class=\"{class}\"")],
+        )
+    };
+    assert_eq!(
+        (served(&one, "5xx"), served(&one, "2xx")),
+        (3.0, 0.0),
+        "{one}"
+    );
+    assert_eq!(
+        (served(&two, "5xx"), served(&two, "2xx")),
+        (0.0, 4.0),
+        "{two}"
+    );
+    assert_eq!(
+        total(&two, "sidecar_circuit_breaker_transitions_total", &opened),
+        0.0,
+        "{two}"
+    );
+    assert!(
+        two.contains("sidecar_build_info"),
+        "each registry has its own build info"
+    );
+    first.stop().await;
+    second.stop().await;
 }

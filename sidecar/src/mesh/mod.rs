@@ -200,8 +200,11 @@ pub fn server(
     let config = identity.server_config();
     let pool = upstream.clone();
     let tls = crate::dispatch::client::tls_config();
+    let metrics = snapshot.load().hub.metrics;
     let server = HttpServer::new(move || {
-        // Once per worker: the awc client is !Send and lives with its worker.
+        // Once per worker: the awc client is !Send and lives with its worker, and the thread is this
+        // sidecar's, counting into its recorder.
+        metrics.enter_thread();
         let worker = Rc::new(Worker {
             settings: settings.clone(),
             snapshot: snapshot.clone(),

@@ -13,6 +13,7 @@ use metrics::SharedString;
 
 use super::breaker::{Breaker, State};
 use crate::clock::Clock;
+use crate::telemetry::Metrics;
 
 pub use crate::telemetry::names::{
     BREAKER_STATE, BREAKER_TRANSITIONS, CIRCUIT_OPEN, ENDPOINT_BREAKER_STATE, OVERLOADED,
@@ -31,18 +32,21 @@ pub struct Scope {
     pub hub: Hub,
 }
 
-/// What every breaker of one sidecar shares: the clock it reads and the monitor it reports to. Each sidecar
-/// has its own, so two sidecars in one process never report each other's transitions.
+/// What every target of one sidecar shares: the clock it reads, the monitor it reports to and the metrics it
+/// counts into. Each sidecar has its own, so two sidecars in one process never report or count each other's
+/// events.
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
     pub clock: Clock,
+    pub metrics: Metrics,
     sink: Arc<OnceLock<Recipient<Transition>>>,
 }
 
 impl Hub {
-    pub fn new(clock: Clock) -> Self {
+    pub fn new(clock: Clock, metrics: Metrics) -> Self {
         Self {
             clock,
+            metrics,
             sink: Arc::default(),
         }
     }
@@ -90,7 +94,7 @@ impl Scope {
     /// The same scope reading `clock` (unit tests and benches).
     pub fn with_clock(self, clock: Clock) -> Self {
         Self {
-            hub: Hub::new(clock),
+            hub: Hub::new(clock, Metrics::default()),
             ..self
         }
     }

@@ -1,7 +1,7 @@
 //! Telemetry: the Prometheus recorder, the metric names, and the timing of requests.
 //!
-//! Owns: the process-wide `metrics` recorder (metrics-exporter-prometheus as a recorder only; its render is
-//! served by the admin listener's `/metrics`), the upkeep actor that drains its histograms, and [`Timed`], the
+//! Owns: each sidecar's `metrics` recorder ([`Metrics`]: metrics-exporter-prometheus as a recorder only; its
+//! render is served by the admin listener's `/metrics`), the upkeep actor that drains its histograms, and [`Timed`], the
 //! body wrapper that records a request's duration when its response body ends. Names follow the OpenTelemetry
 //! HTTP semantic conventions, in seconds, with bounded labels: the service (or `external` for URL targets,
 //! `dispatch` for dispatch rules, `none` before routing), the method (`_OTHER` for non-standard ones), the
@@ -16,12 +16,16 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix::prelude::{Actor, AsyncContext};
+use std::future::Future;
+
+use actix::prelude::{Actor, Addr, AsyncContext};
 use actix_http::body::{BodySize, MessageBody};
 use actix_http::{Method, StatusCode};
 use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram, SharedString};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 use crate::access_log::{self, Record};
 use crate::fxhash::FxHashMap;
@@ -37,60 +41,137 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the Prometheus recorder once per process; `None` when another recorder was installed first.
-pub fn recorder() -> Option<&'static PrometheusHandle> {
-    RECORDER
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-                .map(PrometheusBuilder::build_recorder);
-            let recorder = match recorder {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics disabled: cannot build the recorder");
-                    return None;
-                }
-            };
-            let handle = recorder.handle();
-            match metrics::set_global_recorder(recorder) {
-                Ok(()) => {
-                    names::describe();
-                    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-                    Some(handle)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics disabled: another recorder is installed");
-                    None
-                }
-            }
-        })
-        .as_ref()
+/// One sidecar's metrics: its own Prometheus recorder and the handle that renders it.
+///
+/// Every sidecar gets its own, so that two sidecars in one process (the test binaries) never count into each
+/// other's registry. The recorder is set as the thread's local recorder on each of the sidecar's worker threads
+/// ([`Metrics::enter_thread`]), and around every poll of its control-plane actors ([`Metrics::start`]), which
+/// share the thread that started the sidecar. The first recorder of the process is also the global one: it
+/// counts what runs on threads no sidecar owns (the trace exporter's), and, in the binary, the one sidecar.
+/// A recorder lives as long as the process (one per sidecar started: one in the binary).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics {
+    own: Option<&'static Own>,
 }
 
-/// The Prometheus text exposition of every metric, histograms drained first so a scrape is current.
-pub fn render() -> String {
-    recorder().map_or_else(String::new, |handle| {
-        handle.run_upkeep();
-        handle.render()
-    })
+#[derive(Debug)]
+struct Own {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+static GLOBAL: OnceLock<()> = OnceLock::new();
+
+impl Metrics {
+    /// A recorder of its own; none (metrics go to the global recorder, if any) when it cannot be built.
+    pub fn new() -> Self {
+        let recorder = match PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+        {
+            Ok(builder) => builder.build_recorder(),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics disabled: cannot build the recorder");
+                return Self::default();
+            }
+        };
+        let handle = recorder.handle();
+        let own: &'static Own = Box::leak(Box::new(Own { recorder, handle }));
+        GLOBAL.get_or_init(|| {
+            if let Err(e) = metrics::set_global_recorder(&own.recorder) {
+                tracing::warn!(error = %e, "another global metrics recorder is installed");
+            }
+        });
+        let metrics = Self { own: Some(own) };
+        metrics.scope(|| {
+            names::describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        });
+        metrics
+    }
+
+    /// Runs `f` with this sidecar's recorder as the thread's.
+    pub fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.own {
+            Some(own) => metrics::with_local_recorder(&own.recorder, f),
+            None => f(),
+        }
+    }
+
+    /// Makes this sidecar's recorder the current thread's for good: for the sidecar's own worker threads,
+    /// which serve nothing else and end with its servers.
+    pub fn enter_thread(&self) {
+        if let Some(own) = self.own {
+            std::mem::forget(metrics::set_default_local_recorder(&own.recorder));
+        }
+    }
+
+    /// Starts an actor whose every poll (its `started`, handlers and timers) records into this recorder.
+    pub fn start<A>(&self, actor: A) -> Addr<A>
+    where
+        A: Actor<Context = actix::Context<A>>,
+    {
+        self.run(actix::Context::new(), actor)
+    }
+
+    /// [`Metrics::start`] on a context made beforehand (whose address was handed out already).
+    pub fn run<A>(&self, context: actix::Context<A>, actor: A) -> Addr<A>
+    where
+        A: Actor<Context = actix::Context<A>>,
+    {
+        let address = context.address();
+        actix_rt::spawn(InScope {
+            metrics: *self,
+            inner: Box::pin(context.into_future(actor)),
+        });
+        address
+    }
+
+    /// The Prometheus text exposition of every metric, histograms drained first so a scrape is current.
+    pub fn render(&self) -> String {
+        self.own.map_or_else(String::new, |own| {
+            own.handle.run_upkeep();
+            own.handle.render()
+        })
+    }
+
+    /// Drains histogram samples into their buckets.
+    pub fn upkeep(&self) {
+        if let Some(own) = self.own {
+            own.handle.run_upkeep();
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.own.is_some()
+    }
+}
+
+/// A future polled with a sidecar's recorder as the thread's.
+struct InScope<F> {
+    metrics: Metrics,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for InScope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let inner = this.inner.as_mut();
+        this.metrics.scope(|| inner.poll(cx))
+    }
 }
 
 /// Drains histogram samples into their buckets on a timer (the exporter's histograms need it).
 #[derive(Debug)]
-pub struct Upkeep;
+pub struct Upkeep(pub Metrics);
 
 impl Actor for Upkeep {
     type Context = actix::Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Every second: samples wait in per-histogram buffers until drained, so this bounds their memory.
-        ctx.run_interval(Duration::from_secs(1), |_, _| {
-            if let Some(handle) = recorder() {
-                handle.run_upkeep();
-            }
-        });
+        ctx.run_interval(Duration::from_secs(1), |this, _| this.0.upkeep());
     }
 }
 
