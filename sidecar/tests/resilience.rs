@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use sidecar::clock::Clock;
 use support::{Conn, RawUpstream, Reply, Sidecar, get, request, response};
 
 /// An upstream that always answers 503.
@@ -179,6 +180,21 @@ async fn the_retry_budget_holds_against_an_upstream_that_always_fails() {
     sidecar.stop().await;
 }
 
+/// The breaker's open time as `GET /admin/targets` shows it for `authority`, in milliseconds.
+async fn probes_in(sidecar: &Sidecar, authority: &str) -> (String, u64) {
+    let targets = request(
+        sidecar.admin,
+        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .json();
+    let breaker = &targets["external"][authority]["breaker"];
+    (
+        breaker["state"].as_str().unwrap_or_default().to_string(),
+        breaker["probes_in_ms"].as_u64().unwrap_or_default(),
+    )
+}
+
 #[actix_rt::test]
 async fn the_breaker_opens_probes_and_closes_when_the_upstream_recovers() {
     let healthy = Arc::new(AtomicBool::new(false));
@@ -191,10 +207,14 @@ async fn the_breaker_opens_probes_and_closes_when_the_upstream_recovers() {
         }
     })
     .await;
-    let sidecar = Sidecar::start(
+    // The breaker's time is the story's: it moves only when the story says so.
+    let clock = Clock::manual();
+    let sidecar = Sidecar::start_on_clock(
         "defaults:\n  retries:\n    max_retries: 0\n  circuit_breaker:\n    consecutive_failures: 5\n    failure_rate:\n      enabled: false\n    open:\n      base: 200ms\n      max: 2s\n",
+        &clock,
     );
     let target = upstream.url("/");
+    let authority = format!("{}", upstream.addr);
     let addr = sidecar.addr;
     let call = || {
         let target = target.clone();
@@ -208,93 +228,111 @@ async fn the_breaker_opens_probes_and_closes_when_the_upstream_recovers() {
             "failures reach the app as they are"
         );
     }
-    let started = Instant::now();
     let refused = call().await;
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("x-sidecar-error"), Some("circuit-open"));
     assert_eq!(refused.header("retry-after"), Some("1"));
-    assert!(started.elapsed() < Duration::from_millis(50));
     assert_eq!(
         upstream.received().len(),
         5,
         "an open breaker sends nothing"
     );
-    // Operators see it without reading logs.
-    let targets = request(
-        sidecar.admin,
-        "GET /admin/targets HTTP/1.1\r\nhost: a\r\n\r\n",
-    )
-    .await
-    .json();
-    let authority = format!("{}", upstream.addr);
-    assert_eq!(
-        targets["external"][&authority]["breaker"]["state"], "open",
-        "{targets}"
+    // Operators see it without reading logs, and when the probes start.
+    let (state, wait) = probes_in(&sidecar, &authority).await;
+    assert_eq!(state, "open");
+    assert!(
+        (1..=200).contains(&wait),
+        "open for the base time: {wait} ms"
     );
 
-    // Half-open: one probe goes through and fails, so the breaker opens again, for longer.
-    let probe = loop {
-        let reply = call().await;
-        if reply.header("x-sidecar-error").is_none() {
-            break reply;
-        }
-        assert_eq!(reply.header("x-sidecar-error"), Some("circuit-open"));
-    };
+    // A millisecond short of it, still open; then half-open: one probe goes through and fails, so the
+    // breaker opens again, for longer.
+    clock.advance(Duration::from_millis(wait - 1));
+    assert_eq!(call().await.header("x-sidecar-error"), Some("circuit-open"));
+    clock.advance(Duration::from_millis(1));
+    let probe = call().await;
     assert_eq!(probe.status, 500);
+    assert_eq!(probe.header("x-sidecar-error"), None);
     assert_eq!(upstream.received().len(), 6);
     assert_eq!(call().await.header("x-sidecar-error"), Some("circuit-open"));
+    let (state, longer) = probes_in(&sidecar, &authority).await;
+    assert_eq!(state, "open");
+    assert!(longer > 200, "open longer the second time: {longer} ms");
 
     // The upstream recovers: the next probe succeeds and the breaker closes.
     healthy.store(true, Ordering::SeqCst);
-    loop {
-        let reply = call().await;
-        if reply.status == 200 {
-            break;
-        }
-        assert_eq!(reply.header("x-sidecar-error"), Some("circuit-open"));
-    }
+    clock.advance(Duration::from_millis(longer));
+    assert_eq!(call().await.status, 200);
     for _ in 0..20 {
         assert_eq!(call().await.status, 200);
     }
+    assert_eq!(probes_in(&sidecar, &authority).await.0, "closed");
 
-    let metrics = request(sidecar.admin, "GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .text();
-    for state in ["open", "half-open", "closed"] {
-        assert!(
+    // The monitor actor counts each transition it hears of.
+    let scrape = || async {
+        request(sidecar.admin, "GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .text()
+    };
+    support::eventually("the monitor counts every transition", || async {
+        let metrics = scrape().await;
+        [("open", 2), ("half-open", 2), ("closed", 1)].iter().all(|(state, n)| {
             metrics.contains(&format!(
-                "sidecar_circuit_breaker_transitions_total{{service=\"external\",scope=\"authority\",state=\"{state}\"}}"
-            )),
-            "{state}: {metrics}"
-        );
-    }
+                "sidecar_circuit_breaker_transitions_total{{service=\"external\",scope=\"authority\",state=\"{state}\"}} {n}"
+            ))
+        })
+    })
+    .await;
     sidecar.stop().await;
 }
 
 #[actix_rt::test]
 async fn the_rate_limit_is_one_limit_for_all_workers() {
     let upstream = RawUpstream::ok().await;
-    let sidecar = Sidecar::start(
+    let clock = Clock::manual();
+    let sidecar = Sidecar::start_on_clock(
         "listeners:\n  workers: 2\ndefaults:\n  rate_limit:\n    rate: 200/s\n    burst: 10\n",
+        &clock,
     );
-    let replies = paced_load(
-        sidecar.addr,
-        16,
-        None,
-        Duration::from_secs(10),
-        get_to(&upstream.url("/")),
-    )
-    .await;
-    let admitted = replies.iter().filter(|r| r.0 == 200).count();
-    let limited = replies.iter().filter(|r| r.0 == 429).count();
-    let expected = 200.0 * 10.0 + 10.0;
-    eprintln!("rate limit 200/s over 10 s: admitted {admitted}, limited {limited}");
-    assert!(
-        (admitted as f64 - expected).abs() <= 0.05 * expected,
-        "admitted {admitted}, expected {expected} ± 5 % ({limited} limited)"
-    );
-    assert!(limited > admitted, "the load was well over the limit");
-    assert_eq!(replies.len(), admitted + limited);
+    // Sixteen connections, spread over both workers, each send 5 requests per step; a step is 25 ms of the
+    // limiter's time, in which 200/s lets 5 through. One limit for the sidecar: the burst, then 5 a step,
+    // whichever worker serves them; a limit per worker would let twice as many through.
+    let request = get_to(&upstream.url("/"));
+    let mut conns = Vec::new();
+    for _ in 0..16 {
+        conns.push(Conn::open(sidecar.addr).await);
+    }
+    let mut admitted_per_step = Vec::new();
+    for step in 0..10 {
+        if step > 0 {
+            clock.advance(Duration::from_millis(25));
+        }
+        let sends = conns.drain(..).map(|mut conn| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..5 {
+                    conn.send(&request).await;
+                    statuses.push(conn.read(false).await.status);
+                }
+                (conn, statuses)
+            })
+        });
+        let mut admitted = 0;
+        for done in futures_util::future::join_all(sends).await {
+            let (conn, statuses) = done.unwrap();
+            assert!(
+                statuses.iter().all(|s| *s == 200 || *s == 429),
+                "{statuses:?}"
+            );
+            admitted += statuses.iter().filter(|s| **s == 200).count();
+            conns.push(conn);
+        }
+        admitted_per_step.push(admitted);
+    }
+    let mut expected = vec![5; 10];
+    expected[0] = 10;
+    assert_eq!(admitted_per_step, expected, "the burst, then 5 each 25 ms");
     sidecar.stop().await;
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sidecar::clock::Clock;
 use sidecar::control::store::PolicySource;
 use sidecar::policy::Policy;
 use sidecar::server::{self, RunOptions};
@@ -35,14 +36,24 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts the sidecar with a policy given as YAML.
     pub fn start(policy_yaml: &str) -> Self {
+        Self::start_on_clock(policy_yaml, &Clock::system())
+    }
+
+    /// Starts the sidecar with a policy given as YAML, its breakers, budgets and rate limits reading `clock`
+    /// (a manual one the story advances instead of sleeping).
+    pub fn start_on_clock(policy_yaml: &str, clock: &Clock) -> Self {
         let policy = Policy::from_yaml("test policy", policy_yaml).expect("valid test policy");
-        Self::start_with(PolicySource::default(), policy)
+        let options = RunOptions {
+            clock: clock.clone(),
+            ..RunOptions::default()
+        };
+        Self::start_with(PolicySource::default(), policy, options)
     }
 
     /// Starts the sidecar on a policy file or directory, as the binary would.
     pub fn start_source(source: PolicySource) -> Self {
         let policy = source.load().expect("valid test policy");
-        Self::start_with(source, policy)
+        Self::start_with(source, policy, RunOptions::default())
     }
 
     /// Starts the sidecar on a policy file or directory, reloaded only by `POST /admin/reload`.
@@ -62,7 +73,7 @@ impl Sidecar {
         })
     }
 
-    fn start_with(mut source: PolicySource, mut policy: Policy) -> Self {
+    fn start_with(mut source: PolicySource, mut policy: Policy, options: RunOptions) -> Self {
         let egress = StdListener::bind("127.0.0.1:0").expect("bind port 0");
         let admin = StdListener::bind("127.0.0.1:0").expect("bind port 0");
         // Pin the listeners to these sockets, as the command line pins them, so reloads never move them.
@@ -78,7 +89,7 @@ impl Sidecar {
         // The access log writes to the test process's stdout; its own test runs the binary.
         source.overrides.access_log = Some(false);
         policy.access_log.enabled = false;
-        Self::start_on(source, policy, egress, admin)
+        Self::start_on(source, policy, egress, admin, options)
     }
 
     /// Starts on given sockets with nothing pinned: the policy files name these addresses and may move them
@@ -90,7 +101,7 @@ impl Sidecar {
         };
         source.overrides.access_log = Some(false);
         let policy = source.load().expect("valid test policy");
-        Self::start_on(source, policy, egress, admin)
+        Self::start_on(source, policy, egress, admin, RunOptions::default())
     }
 
     fn start_on(
@@ -98,13 +109,13 @@ impl Sidecar {
         policy: Policy,
         egress: StdListener,
         admin: StdListener,
+        options: RunOptions,
     ) -> Self {
         let listeners = server::Listeners {
             egress,
             admin: Some(admin),
         };
-        let running = server::start(source, policy, listeners, RunOptions::default())
-            .expect("sidecar starts");
+        let running = server::start(source, policy, listeners, options).expect("sidecar starts");
         let addr = running.egress;
         let admin = running.admin.expect("admin listener");
         Self {
