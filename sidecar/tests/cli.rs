@@ -158,14 +158,10 @@ async fn sidecar_port_accepts_the_seed_form_with_a_colon() {
     }
     let _child = Kill(child);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < support::DEADLINE,
-            "never listened on {addr}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    support::eventually(&format!("the sidecar listens on {addr}"), || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
     assert_eq!(
         get(addr, "/", &[("target", &upstream.url(""))])
             .await
@@ -222,14 +218,10 @@ async fn sigterm_turns_readiness_off_lets_requests_in_flight_finish_then_exits_z
     });
     arrived.notified().await;
     sidecar.signal("TERM");
-    let start = std::time::Instant::now();
-    while readyz(admin).await != 503 {
-        assert!(
-            start.elapsed() < support::DEADLINE,
-            "readiness never turned off"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    support::eventually("readiness turns off", || async {
+        readyz(admin).await == 503
+    })
+    .await;
     release.notify_one();
     let reply = in_flight.await.unwrap();
     assert_eq!((reply.status, reply.text()), (200, "slow".to_string()));
@@ -254,14 +246,10 @@ async fn a_second_signal_exits_at_once() {
     sidecar.signal("INT");
     // Once the drain has begun (readiness is off), a second signal ends it: the drain would otherwise wait up to
     // 15 s for the held request.
-    let start = std::time::Instant::now();
-    while readyz(admin).await != 503 {
-        assert!(
-            start.elapsed() < support::DEADLINE,
-            "the first signal never started the drain"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    support::eventually("the first signal starts the drain", || async {
+        readyz(admin).await == 503
+    })
+    .await;
     sidecar.signal("INT");
     let status = sidecar.exit_status(std::time::Duration::from_secs(5));
     assert_eq!(status.code(), Some(1), "{status}");

@@ -260,19 +260,13 @@ async fn a_moved_egress_listener_serves_at_once_and_lets_requests_in_flight_fini
     assert_eq!(moved.text(), "A");
     // The old address refuses new connections at once, though the old server still has a request to finish:
     // a client fails over from a refusal faster than from a connection accepted and then reset.
-    let start = Instant::now();
-    loop {
-        match tokio::net::TcpStream::connect(egress_addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            _ => {
-                assert!(
-                    start.elapsed() < DEADLINE,
-                    "the old egress address still accepts connections"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    support::eventually("the old egress address refuses connections", || async {
+        matches!(
+            tokio::net::TcpStream::connect(egress_addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
     release.notify_one();
     let finished = in_flight.await.unwrap();
     assert_eq!(finished.status, 200);
@@ -730,15 +724,17 @@ impl Steady {
     /// Waits until `more` requests have been answered since the call.
     async fn answered(&self, more: usize) {
         let goal = self.sent.load(Ordering::Relaxed) + more;
-        let start = Instant::now();
-        while self.sent.load(Ordering::Relaxed) < goal {
+        support::eventually(&format!("{more} more requests answered"), || async {
+            if self.sent.load(Ordering::Relaxed) >= goal {
+                return true;
+            }
             assert!(
                 self.clients.iter().all(|c| !c.is_finished()),
                 "a client failed"
             );
-            assert!(start.elapsed() < DEADLINE, "the traffic stalled");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+            false
+        })
+        .await;
     }
 
     /// Stops the clients; every one of them must have had every request answered.

@@ -40,17 +40,27 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Waits until `condition` holds, checking every 20 ms, and fails the test naming `what` when it has not held
+/// within [`DEADLINE`](super::DEADLINE): [`super::eventually`] for code that cannot await (process start-up).
+pub fn eventually_blocking(what: &str, condition: impl FnMut() -> bool) {
+    poll_blocking(what, super::DEADLINE, condition);
+}
+
+/// [`eventually_blocking`] with a limit of its own, for a test whose assertion is the limit.
+fn poll_blocking(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until `addr` accepts connections (a listener the process binds after its egress one, such as the mesh
 /// inbound listener), within the deadline.
 pub fn until_listening(addr: SocketAddr) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < super::DEADLINE,
-            "nothing listens on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually_blocking(&format!("something listens on {addr}"), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
 }
 
 /// A running sidecar process, killed on drop.
@@ -95,17 +105,15 @@ impl SidecarProcess {
     }
 
     fn wait_ready(&mut self) {
-        let start = Instant::now();
-        while std::net::TcpStream::connect(self.addr).is_err() {
+        eventually_blocking("the sidecar listens", || {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return true;
+            }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the sidecar exited before listening: {status}");
             }
-            assert!(
-                start.elapsed() < super::DEADLINE,
-                "the sidecar never listened"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            false
+        });
     }
 
     pub fn pid(&self) -> u32 {
@@ -124,17 +132,12 @@ impl SidecarProcess {
 
     /// Waits for the process to exit by itself, within `limit`.
     pub fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the sidecar did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut exited = None;
+        poll_blocking("the sidecar exits", limit, || {
+            exited = self.child.try_wait().expect("try_wait");
+            exited.is_some()
+        });
+        exited.expect("the process exited")
     }
 
     /// Peak resident memory so far (`VmHWM`), in bytes.
