@@ -11,7 +11,6 @@ mod support;
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use support::{DEADLINE, RawUpstream, Sidecar, get, request, response};
 
@@ -78,29 +77,27 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let start = Instant::now();
-        let mut last = String::new();
-        while start.elapsed() < DEADLINE * 2 {
-            if std::net::TcpStream::connect(self.addr).is_ok() {
-                let reply = request(
-                    self.addr,
-                    &format!("GET /api/v1/query?query={encoded} HTTP/1.1\r\nhost: p\r\nconnection: close\r\n\r\n"),
-                )
-                .await;
-                last = reply.text();
-                if reply.status == 200 {
-                    let body = reply.json();
-                    let value = body["data"]["result"][0]["value"][1]
-                        .as_str()
-                        .and_then(|v| v.parse::<f64>().ok());
-                    if value == Some(want) {
-                        return;
-                    }
-                }
+        // The server starts, then scrapes every second: slower than the sidecar, so twice the usual bound.
+        let what = format!("prometheus answers {want} for {query}");
+        support::eventually_within(&what, DEADLINE * 2, || async {
+            if std::net::TcpStream::connect(self.addr).is_err() {
+                return false;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("prometheus never answered {want} for {query}; last answer: {last}");
+            let reply = request(
+                self.addr,
+                &format!("GET /api/v1/query?query={encoded} HTTP/1.1\r\nhost: p\r\nconnection: close\r\n\r\n"),
+            )
+            .await;
+            if reply.status != 200 {
+                eprintln!("prometheus: {}", reply.text());
+                return false;
+            }
+            let value = reply.json()["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok());
+            value == Some(want)
+        })
+        .await;
     }
 }
 

@@ -578,16 +578,26 @@ pub async fn held_upstream() -> (
 
 /// Waits until `condition` holds, checking every 20 ms, and fails the test naming `what` when it has not held
 /// within [`DEADLINE`]. The one way these tests wait for something to become true.
-pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    eventually_within(what, DEADLINE, condition).await;
+}
+
+/// [`eventually`] with a bound of its own, for a wait on something slower than the sidecar (a Prometheus
+/// server starting and scraping).
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not within {DEADLINE:?}"
+            "{what}: not within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
