@@ -74,6 +74,7 @@ has_scen() { [[ " ${SCEN_LIST[*]} " == *" $1 "* ]]; }
 
 scen_setups() { # the setups of a scenario, in the fixed order they run in
     case $1 in
+        a) echo "direct nginx haproxy sidecar sidecar-2w" ;;
         e) echo "sidecar sidecar-bare" ;;
         *) echo "direct nginx haproxy sidecar" ;;
     esac
@@ -208,6 +209,7 @@ start_proxy() { # start_proxy SETUP: a fresh proxy process (VmHWM is a lifetime 
                 nginx) free_port NGINX_PORT ;;
                 haproxy) free_port HAPROXY_PORT ;;
                 sidecar) free_port SIDECAR_PORT_ && free_port ADMIN_PORT ;;
+                sidecar-2w) free_port SIDECAR2_PORT && free_port ADMIN_PORT ;;
                 sidecar-bare) free_port BARE_PORT && free_port ADMIN_PORT ;;
             esac
             continue
@@ -235,11 +237,18 @@ launch_proxy() { # launch_proxy SETUP: start it in the background on its port; s
             PROXY_LOG=$dir/haproxy.log
             "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" </dev/null >"$PROXY_LOG" 2>&1 &
             ;;
-        sidecar | sidecar-bare)
-            local args=(--workers 1 --admin "127.0.0.1:$ADMIN_PORT")
+        sidecar | sidecar-2w | sidecar-bare)
+            local args=(--workers 1 --admin "127.0.0.1:$ADMIN_PORT") pin=("${PIN_PROXY[@]}")
             if [[ $setup == sidecar ]]; then
                 PROXY_PORT=$SIDECAR_PORT_
                 args+=(--access-log on)
+            elif [[ $setup == sidecar-2w ]]; then
+                # Two workers sharing every target's state across both CPUs: what contention costs. The load
+                # generator and the upstream share those CPUs with it, so its req/s is not comparable; its CPU
+                # per request is.
+                PROXY_PORT=$SIDECAR2_PORT
+                args=(--workers 2 --admin "127.0.0.1:$ADMIN_PORT" --access-log on)
+                if ((${#pin[@]})); then pin=(taskset -c "$PROXY_CPU,$LOAD_CPU"); fi
             else
                 PROXY_PORT=$BARE_PORT
                 mkdir -p "$dir/policy"
@@ -252,7 +261,7 @@ launch_proxy() { # launch_proxy SETUP: start it in the background on its port; s
                 cd "$dir"
                 unset SIDECAR_POLICY SIDECAR_CONFIG
                 export RUST_LOG=warn SIDECAR_PORT=$PROXY_PORT
-                exec "${PIN_PROXY[@]}" "$SIDECAR" "${args[@]}"
+                exec "${pin[@]}" "$SIDECAR" "${args[@]}"
             ) >"$dir/access.log" 2>"$PROXY_LOG" &
             ;;
         *) die "unknown setup $setup" ;;
@@ -392,7 +401,7 @@ measure() { # measure SCEN SETUP REP: one fresh proxy, warm-up, measured run, fi
         lines=$(wc -l <"$TMP/$setup/access.log")
         LOGLINES[$k]=$lines
         # The warm-up is logged too, so the file holds at least one line per measured request.
-        if [[ $setup == sidecar ]] && ((lines < ${REQS[$k]:-0} * 99 / 100)); then
+        if [[ $setup != sidecar-bare ]] && ((lines < ${REQS[$k]:-0} * 99 / 100)); then
             ERRS[$k]="${ERRS[$k]:+${ERRS[$k]}; }access log holds $lines lines for ${REQS[$k]} requests"
         fi
         if [[ -s $PROXY_LOG ]]; then
@@ -468,11 +477,12 @@ prepare_run "$PROXY_CPU" sidecar-bench
     die "bench/bare.yaml does not validate"
 }
 
-UP_PORT='' NGINX_PORT='' HAPROXY_PORT='' SIDECAR_PORT_='' BARE_PORT='' ADMIN_PORT=''
+UP_PORT='' NGINX_PORT='' HAPROXY_PORT='' SIDECAR_PORT_='' SIDECAR2_PORT='' BARE_PORT='' ADMIN_PORT=''
 free_port UP_PORT
 free_port NGINX_PORT
 free_port HAPROXY_PORT
 free_port SIDECAR_PORT_
+free_port SIDECAR2_PORT
 free_port BARE_PORT
 free_port ADMIN_PORT
 TARGET="target: http://127.0.0.1:$UP_PORT"
@@ -700,7 +710,9 @@ report() {
     echo "  --latency-correction -c $CONNECTIONS\`). Every request carries \`$TARGET\`."
     echo "- Setups: \`sidecar\` is the embedded default policy (retries with budget, circuit breaker, concurrency"
     echo "  limit, outlier detection, metrics) with \`--access-log on\` (stdout to a file); \`sidecar-bare\` is"
-    echo "  \`--policy bench/bare.yaml --access-log off\` (resilience off)."
+    echo "  \`--policy bench/bare.yaml --access-log off\` (resilience off); \`sidecar-2w\` (scenario a) is \`sidecar\` with"
+    echo "  \`--workers 2\`$( [[ $PIN != 0 ]] && echo " on both CPUs (\`taskset -c $PROXY_CPU,$LOAD_CPU\`), sharing them with the load generator and the upstream"):"
+    echo "  its CPU per request is what two workers sharing every target's state cost, its req/s is not comparable."
     echo "- Runs: $REPS repetition$( ((REPS > 1)) && echo s), interleaved (each repetition runs every scenario's setups once, in a fixed"
     echo "  order); a fresh proxy process per run; ${WARM_S}s warm-up, then ${DUR_S}s measured. Figures are medians"
     echo "  over the repetitions; ratios and added latencies are computed within each repetition (against the"
@@ -728,6 +740,9 @@ report() {
             echo "The direct run is the ceiling of this seat: the load generator and the upstream share one CPU, so no"
             echo "proxy can go faster than direct, and a proxy can beat nginx's req/s by at most direct / nginx ="
             echo "$(fmt 2 "$ceiling") ×. CPU µs/req says what a proxy would do with more load."
+            echo
+            echo "Two workers against one: $(fmt 1 "$(med CPU a sidecar-2w)") against $(fmt 1 "$(med CPU a sidecar)") CPU µs/req"
+            echo "($(fmt 2 "$(ratio_per_rep CPU a sidecar-2w sidecar | median)") ×)."
         fi
         if [[ $s == e ]]; then
             echo
