@@ -128,6 +128,7 @@ struct EgressFactory {
     snapshot: SharedSnapshot,
     tls: Arc<rustls::ClientConfig>,
     identity: Option<Arc<Identity>>,
+    shadows: crate::control::shadow::Shadows,
 }
 
 impl EgressFactory {
@@ -140,6 +141,7 @@ impl EgressFactory {
     ) -> std::io::Result<Server> {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let identity = self.identity.clone();
+        let shadows = self.shadows.clone();
         let metrics = snapshot.load().hub.metrics;
         let server = HttpServer::new(move || {
             // Runs once per worker thread: the awc client is !Send and lives with its worker, and the thread
@@ -149,6 +151,7 @@ impl EgressFactory {
                 snapshot.clone(),
                 tls.clone(),
                 identity.clone(),
+                shadows.clone(),
             ));
             let closing = closing.clone();
             actix_service::fn_service(move |req: Request| {
@@ -679,10 +682,12 @@ fn start_in(
     let snapshot = Snapshot::shared(&policy, hub);
     let tasks = Rc::new(RefCell::new(Tasks::default()));
     let draining = Draining::default();
+    let shadows = crate::control::shadow::Shadows::default();
     let egress_factory = EgressFactory {
         snapshot: snapshot.clone(),
-        tls,
+        tls: tls.clone(),
         identity: identity.clone(),
+        shadows: shadows.clone(),
     };
     let egress = Built::egress(&egress_factory, listeners.egress, &policy.listeners)?;
 
@@ -747,6 +752,20 @@ fn start_in(
     }
     metrics.start(crate::control::monitor::Monitor::new(snapshot.clone()));
     metrics.start(crate::control::discovery::Discovery::new(snapshot.clone()));
+    // Traffic copies are sent from a thread of their own: no copy shares a worker's event loop. It runs even
+    // while no policy asks for copies, so that a reload can add some; it stops with the actix system.
+    {
+        let (pool, hub) = (snapshot.load().pool.clone(), snapshot.load().hub.clone());
+        let arbiter = actix_rt::Arbiter::new();
+        let started = arbiter.spawn_fn(move || {
+            metrics.enter_thread();
+            let shadower = crate::control::shadow::Shadower::new(shadows, pool, tls, hub);
+            actix::Actor::start(shadower);
+        });
+        if !started {
+            tracing::warn!("cannot start the shadow thread: traffic copies are dropped");
+        }
+    }
     metrics.start(crate::control::health::HealthChecker::new(
         snapshot.clone(),
         &policy.upstream,

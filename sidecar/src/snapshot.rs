@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub pool_generation: u64,
     /// This sidecar's clock and monitor, for the breakers of every snapshot it builds.
     pub hub: Hub,
+    /// Traffic copies of services and URL authorities (a dispatch rule's are in its rewrite).
+    pub shadow: Arc<crate::policy::ShadowPolicy>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -466,6 +468,7 @@ impl Snapshot {
             pool,
             pool_generation,
             hub,
+            shadow: Arc::new(policy.shadow.clone()),
         }
     }
 

@@ -6,9 +6,11 @@
 //! - [`health`]: active HTTP health checks of service endpoints.
 //! - [`monitor`]: reports breaker transitions, publishes breaker states, evicts idle rate-limit keys.
 //! - [`cert_watcher`]: re-reads the mesh certificate files and swaps in a valid new set.
+//! - [`shadow`]: sends traffic copies, on a thread of its own.
 
 pub mod cert_watcher;
 pub mod discovery;
 pub mod health;
 pub mod monitor;
+pub mod shadow;
 pub mod store;

@@ -197,7 +197,7 @@ pub async fn attempt(
 
 /// The upstream head's headers from the app's: hop-by-hop and sidecar headers removed, the dispatch rule's
 /// patch set and the client appended to `X-Forwarded-For` (as the seed dispatcher does).
-fn rewrite(plan: &Plan, mut headers: HeaderMap, peer: Option<IpAddr>) -> HeaderMap {
+pub(super) fn rewrite(plan: &Plan, mut headers: HeaderMap, peer: Option<IpAddr>) -> HeaderMap {
     strip_request(&mut headers);
     if let Some(rewrite) = &plan.rewrite {
         for (name, value) in &rewrite.patch {

@@ -22,7 +22,9 @@ use super::exchange::{Exchange, Listener};
 use super::guard::guard;
 use super::respond::{ATTEMPTS, ProxyBody, answer, attempts_value, finish, relay};
 use super::route::{Plan, Targets, plan};
+use super::shadow;
 use crate::access_log::Sampler;
+use crate::control::shadow::Meet;
 use crate::error::{Cause, ProxyError};
 use crate::snapshot::SharedSnapshot;
 use crate::telemetry::{Instruments, Timed};
@@ -52,6 +54,8 @@ pub struct Forwarder {
     targets: Targets,
     instruments: Instruments,
     sampler: Sampler,
+    /// This sidecar's shadow actor, which sends traffic copies.
+    shadows: crate::control::shadow::Shadows,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -67,6 +71,7 @@ impl Forwarder {
         snapshot: SharedSnapshot,
         tls: Arc<rustls::ClientConfig>,
         identity: Option<Arc<crate::mesh::Identity>>,
+        shadows: crate::control::shadow::Shadows,
     ) -> Self {
         let (generation, settings) = {
             let s = snapshot.load();
@@ -83,6 +88,7 @@ impl Forwarder {
             targets: Targets::default(),
             instruments: Instruments::default(),
             sampler: Sampler::default(),
+            shadows,
         }
     }
 
@@ -126,8 +132,12 @@ impl Forwarder {
         let log = self.snapshot.load().access_log;
         let mut exchange =
             Exchange::arriving(&req, EGRESS, log, &self.instruments, &self.sampler, None);
-        let result = self.forward(req, &mut exchange).await;
+        let mut meets = Vec::new();
+        let result = self.forward(req, &mut exchange, &mut meets).await;
         let (mut res, outcome) = answer(result);
+        for (meet, copy) in meets {
+            meet.primary(res.status().as_u16(), &copy);
+        }
         if exchange.labels.attempts > 0 {
             res.headers_mut()
                 .insert(ATTEMPTS, attempts_value(exchange.labels.attempts));
@@ -140,6 +150,7 @@ impl Forwarder {
         &self,
         req: Request,
         exchange: &mut Exchange,
+        meets: &mut Vec<(Arc<Meet>, Arc<crate::policy::copies::Copy>)>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let peer = req.peer_addr().map(|p| p.ip());
         let (mut head, payload) = req.into_parts();
@@ -148,18 +159,20 @@ impl Forwarder {
 
         // Everything that needs the snapshot happens in this block: the guard is released before anything is
         // awaited, so a slow upstream never pins an old policy.
-        let plan = {
+        let (plan, picked) = {
             let snapshot = self.snapshot.load();
             self.follow_pool(&snapshot);
             guard(&head, snapshot.max_header_size)?;
-            plan(
+            let plan = plan(
                 &snapshot,
                 &mut head.headers,
                 peer,
                 &self.targets,
                 exchange.started,
                 &mut exchange.labels.service,
-            )?
+            )?;
+            let picked = shadow::pick(&snapshot, plan.copies.as_ref(), &method, &head.headers);
+            (plan, picked)
         };
 
         let asking = Asking {
@@ -189,6 +202,17 @@ impl Forwarder {
             &mut exchange.labels,
         )
         .await?;
+        if !picked.is_empty() {
+            let copy = shadow::Primary {
+                plan: &plan,
+                method: &method,
+                uri: &head.uri,
+                headers: &head.headers,
+                peer,
+                trace: exchange.trace(),
+            };
+            shadow::hand_off(picked, copy, &mut body, &self.shadows, meets);
+        }
 
         let headers = mem::take(&mut head.headers);
         let outbound = Outbound {

@@ -5,7 +5,8 @@
 //! [`attempt`] (its steps: [`ATTEMPT_STEPS`]) and [`respond`], over one per-request context ([`exchange`]);
 //! [`forward`] runs them for the egress listener, and the mesh inbound listener ([`crate::mesh`]) reuses
 //! admit, body and respond. Also here: header hygiene ([`headers`]), path normalization for rules that match
-//! paths ([`path`]) and the per-worker upstream client ([`client`]); upstream addresses are values of their own
+//! paths ([`path`]), the per-worker upstream client ([`client`]), and which requests are copied with the tee
+//! that feeds copies a streamed body ([`shadow`]); upstream addresses are values of their own
 //! ([`crate::upstream`]). Does not own: policy state (read from the [`crate::snapshot`]) or anything that needs
 //! a timer or a mailbox. Called by the listeners built in [`crate::server`] and [`crate::mesh`].
 
@@ -20,6 +21,7 @@ pub mod headers;
 pub mod path;
 pub mod respond;
 pub mod route;
+pub mod shadow;
 
 /// The request path's phases, in order: each is a module of this folder.
 pub const PHASES: [&str; 6] = ["guard", "route", "admit", "body", "attempt", "respond"];

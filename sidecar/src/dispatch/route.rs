@@ -22,6 +22,7 @@ use super::headers::{INTERNAL, TARGET};
 use crate::balance::stable_hash;
 use crate::error::{Cause, ProxyError};
 use crate::fxhash::FxHashMap;
+use crate::policy::copies::Copies;
 use crate::policy::seed::Rewrite;
 use crate::policy::traffic::{BalancerKind, HashKey};
 use crate::resilience::Target;
@@ -226,6 +227,8 @@ pub struct Plan {
     pub mesh: Option<(Arc<str>, Arc<crate::policy::Mesh>)>,
     /// Whether attempt spans may carry the query (`access_log.query`), as the routing snapshot says.
     pub span_query: bool,
+    /// The target's traffic copies, as the routing snapshot says.
+    pub copies: Option<Copies>,
 }
 
 /// Where attempts go: one upstream, or an endpoint of a service chosen per attempt.
@@ -268,16 +271,25 @@ pub fn plan(
 ) -> Result<Plan, ProxyError> {
     let route = route(snapshot, headers, targets)?;
     *label = route.label.clone();
-    let (upstreams, target) = match route.upstream {
+    let (upstreams, target, copies) = match route.upstream {
         Dest::Url(u) => {
             let target = snapshot.external.get(u.authority().as_str());
-            (Upstreams::One(u), target)
+            let copies = snapshot.shadow.url(u.authority(), u.is_https()).cloned();
+            (Upstreams::One(u), target, copies)
         }
         Dest::Dispatch(u) => {
             let target = snapshot.dispatch_targets.get(u.authority().as_str());
-            (Upstreams::One(u.clone()), target)
+            let copies = route.rewrite.and_then(|r| r.copies.clone());
+            (Upstreams::One(u.clone()), target, copies)
         }
-        Dest::Service(s) => (Upstreams::Service(s.clone()), s.target.clone()),
+        Dest::Service(s) => {
+            let copies = if snapshot.shadow.services.is_empty() {
+                None
+            } else {
+                snapshot.shadow.services.get(&*s.name).cloned()
+            };
+            (Upstreams::Service(s.clone()), s.target.clone(), copies)
+        }
     };
     let hash = match &upstreams {
         Upstreams::Service(s)
@@ -322,6 +334,7 @@ pub fn plan(
         target,
         hash,
         mesh,
+        copies,
     })
 }
 

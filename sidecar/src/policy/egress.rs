@@ -15,6 +15,9 @@ pub(super) struct RawEgress {
     allow: Option<RawAllowList>,
     #[serde(default)]
     tls: RawEgressTls,
+    /// Copies of URL targets, by the URL of their authority (checked with the policy's services).
+    #[serde(default)]
+    pub(super) shadow: std::collections::BTreeMap<String, Vec<super::copies::RawCopy>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +226,7 @@ mod tests {
                 cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
             }),
             tls: RawEgressTls::default(),
+            shadow: Default::default(),
         };
         validate(&raw).unwrap().allow.unwrap()
     }
@@ -272,6 +276,7 @@ mod tests {
                 roots: Some("mozilla".into()),
                 ca: None,
             },
+            shadow: Default::default(),
         };
         let fields: Vec<String> = validate(&raw)
             .unwrap_err()

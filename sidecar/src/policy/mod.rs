@@ -5,6 +5,7 @@
 //! Does not own: what the request path does with a policy (that is [`crate::snapshot`] and [`crate::dispatch`]).
 //! Called by `main.rs` at start-up and by `sidecar check`.
 
+pub mod copies;
 pub mod duration;
 pub mod egress;
 mod errors;
@@ -52,6 +53,39 @@ pub struct Policy {
     pub mesh: Option<Mesh>,
     /// What URL targets may name, and which roots verify `https` ones.
     pub egress: Egress,
+    /// Traffic copies of services and URL authorities (a dispatch rule's are in its rewrite).
+    pub shadow: ShadowPolicy,
+}
+
+/// The `shadow` lists of services and of URL targets' authorities.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowPolicy {
+    pub services: BTreeMap<String, copies::Copies>,
+    /// `egress.shadow`: by host (lower case) and port, the scheme's default when the URL has none.
+    pub urls: Vec<(String, u16, copies::Copies)>,
+}
+
+impl ShadowPolicy {
+    /// The copies of a URL target's authority.
+    pub fn url(
+        &self,
+        authority: &actix_http::uri::Authority,
+        https: bool,
+    ) -> Option<&copies::Copies> {
+        if self.urls.is_empty() {
+            return None;
+        }
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host = authority.host();
+        self.urls
+            .iter()
+            .find(|(h, p, _)| *p == port && h.eq_ignore_ascii_case(host))
+            .map(|(_, _, c)| c)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.urls.is_empty()
+    }
 }
 
 /// The `mesh` section.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -221,6 +222,8 @@ struct RawService {
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     mesh: bool,
+    #[serde(default)]
+    shadow: Vec<super::copies::RawCopy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -448,6 +451,8 @@ impl RawPolicy {
             .collect();
 
         let mut services = BTreeMap::new();
+        let mut shadow = super::ShadowPolicy::default();
+        let mut copies_at = Vec::new();
         for (name, raw) in self.services {
             let file = self
                 .origin
@@ -505,6 +510,12 @@ impl RawPolicy {
                     format!("{field}.timeouts.request"),
                     "must be more than 0, got 0",
                 ));
+            }
+            let field_shadow = format!("{field}.shadow");
+            if let Some(c) = super::copies::validate(&raw.shadow, &file, &field_shadow, &mut issues)
+            {
+                copies_at.push((c.clone(), file.clone(), field_shadow));
+                shadow.services.insert(name.clone(), c);
             }
             let own = raw.resilience();
             let service_resilience = if own.is_set() {
@@ -593,6 +604,35 @@ impl RawPolicy {
             None => super::egress::Egress::default(),
         };
 
+        if let Some(raw) = &self.egress {
+            let file = file_of(&self.origin.egress);
+            for (url, list) in &raw.shadow {
+                let field = format!("egress.shadow.{url}");
+                let Ok(u) = Upstream::parse(url) else {
+                    issues.push(Issue::new(
+                        &file,
+                        &field,
+                        format!("the key must be a target's http(s) URL, such as http://api.example.com, got {url:?}"),
+                    ));
+                    continue;
+                };
+                if let Some(c) = super::copies::validate(list, &file, &field, &mut issues) {
+                    let a = u.authority();
+                    let port = a.port_u16().unwrap_or(if u.is_https() { 443 } else { 80 });
+                    let host = a.host().to_ascii_lowercase();
+                    if shadow.urls.iter().any(|(h, p, _)| *h == host && *p == port) {
+                        issues.push(Issue::new(
+                            &file,
+                            &field,
+                            format!("{host}:{port} is listed twice"),
+                        ));
+                    }
+                    copies_at.push((c.clone(), file.clone(), field));
+                    shadow.urls.push((host, port, c));
+                }
+            }
+        }
+
         let dispatch = match self.dispatch {
             Some(d) => match d.validate(&file_of(&self.origin.dispatch), "dispatch.") {
                 Ok(rules) => Some(rules),
@@ -603,6 +643,33 @@ impl RawPolicy {
             },
             None => None,
         };
+        if let Some(rules) = &dispatch {
+            let file = file_of(&self.origin.dispatch);
+            if let Some(c) = &rules.default.copies {
+                copies_at.push((c.clone(), file.clone(), "dispatch.shadow".to_string()));
+            }
+            let mut values: Vec<_> = rules.rewrites.iter().collect();
+            values.sort_by(|a, b| a.0.cmp(b.0));
+            for (value, rewrite) in values {
+                if let Some(c) = &rewrite.copies
+                    && !rules
+                        .default
+                        .copies
+                        .as_ref()
+                        .is_some_and(|d| Arc::ptr_eq(d, c))
+                {
+                    let field = format!(
+                        "dispatch.rewrites.{}.shadow",
+                        String::from_utf8_lossy(value)
+                    );
+                    copies_at.push((c.clone(), file.clone(), field));
+                }
+            }
+        }
+        for (c, file, field) in &copies_at {
+            let mesh = |s: &str| services.get(s).map(|p: &ServicePolicy| p.mesh);
+            super::copies::unknown_services(c, mesh, file, field, &mut issues);
+        }
 
         if !issues.is_empty() {
             return Err(issues);
@@ -634,6 +701,7 @@ impl RawPolicy {
             nameservers,
             mesh,
             egress: egress_policy,
+            shadow,
         })
     }
 }

@@ -45,6 +45,8 @@ pub struct Rewrite {
     /// Shared with every request sent there: routing one costs a reference count, not a copy.
     pub destination: Arc<Upstream>,
     pub patch: Vec<(HeaderName, HeaderValue)>,
+    /// Copies of the requests this rewrite routes (`shadow`).
+    pub copies: Option<super::copies::Copies>,
 }
 
 impl DispatchRules {
@@ -73,6 +75,8 @@ pub(super) struct RawDispatch {
     destination: Option<String>,
     #[serde(default)]
     rewrites: Option<BTreeMap<Scalar, Option<RawRewrite>>>,
+    #[serde(default)]
+    shadow: Vec<super::copies::RawCopy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +85,8 @@ struct RawRewrite {
     #[serde(default)]
     patch: Option<Vec<RawPatch>>,
     destination: Option<String>,
+    /// The rewrite's copies; the top level's when not written (`shadow: []` copies nothing).
+    shadow: Option<Vec<super::copies::RawCopy>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +185,7 @@ impl RawDispatch {
             },
         };
 
+        let copies = super::copies::validate(&self.shadow, file, &at("shadow"), &mut issues);
         let mut rewrites =
             FxHashMap::with_capacity_and_hasher(rewrites_raw.len(), Default::default());
         for (value, rewrite) in rewrites_raw {
@@ -220,10 +227,20 @@ impl RawDispatch {
                     }
                 },
             };
+            let own = match &rewrite.shadow {
+                Some(list) => {
+                    super::copies::validate(list, file, &format!("{field}.shadow"), &mut issues)
+                }
+                None => copies.clone(),
+            };
             if let Some(destination) = destination {
                 rewrites.insert(
                     value.0.into_bytes().into_boxed_slice(),
-                    Arc::new(Rewrite { destination, patch }),
+                    Arc::new(Rewrite {
+                        destination,
+                        patch,
+                        copies: own,
+                    }),
                 );
             }
         }
@@ -234,6 +251,7 @@ impl RawDispatch {
                 default: Arc::new(Rewrite {
                     destination,
                     patch: Vec::new(),
+                    copies,
                 }),
                 rewrites,
             }),

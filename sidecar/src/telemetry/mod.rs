@@ -620,3 +620,39 @@ mod tests {
         assert_eq!(seen.len(), 2);
     }
 }
+
+/// One traffic copy's metric handles (label `copy`: its name; `source`: the primary's route label), made once
+/// in its sidecar's recorder and then used from any thread without a registry lookup.
+#[derive(Debug, Clone)]
+pub struct CopyCounters {
+    pub ok: Counter,
+    pub failed: Counter,
+    pub queue_full: Counter,
+    pub concurrency: Counter,
+    pub circuit_open: Counter,
+    pub no_endpoint: Counter,
+    pub slow: Counter,
+    pub body_error: Counter,
+    pub duration: metrics::Histogram,
+    pub mismatches: Counter,
+}
+
+impl CopyCounters {
+    pub fn new(copy: &std::sync::Arc<str>) -> Self {
+        use names::{SHADOW_DROPPED, SHADOW_DURATION, SHADOW_MISMATCHES, SHADOW_SENT};
+        let copy = SharedString::from(copy.clone());
+        let dropped = |reason: &'static str| metrics::counter!(SHADOW_DROPPED, "copy" => copy.clone(), "reason" => reason);
+        Self {
+            ok: metrics::counter!(SHADOW_SENT, "copy" => copy.clone(), "outcome" => "ok"),
+            failed: metrics::counter!(SHADOW_SENT, "copy" => copy.clone(), "outcome" => "failed"),
+            queue_full: dropped("queue_full"),
+            concurrency: dropped("concurrency"),
+            circuit_open: dropped("circuit_open"),
+            no_endpoint: dropped("no_endpoint"),
+            slow: dropped("slow"),
+            body_error: dropped("body_error"),
+            duration: metrics::histogram!(SHADOW_DURATION, "copy" => copy.clone()),
+            mismatches: metrics::counter!(SHADOW_MISMATCHES, "copy" => copy),
+        }
+    }
+}

@@ -69,6 +69,18 @@ pub const HEADERS_DROPPED: &str = "sidecar_headers_dropped_total";
 
 pub const ACCESS_LOG_DROPPED: &str = "sidecar_access_log_dropped_total";
 
+/// Traffic copies sent, by outcome.
+pub const SHADOW_SENT: &str = "sidecar_shadow_requests_total";
+
+/// Traffic copies dropped before or while sent, by reason.
+pub const SHADOW_DROPPED: &str = "sidecar_shadow_dropped_total";
+
+/// Each traffic copy, from hand-off until its response body ended.
+pub const SHADOW_DURATION: &str = "sidecar_shadow_duration_seconds";
+
+/// Traffic copies whose status class differed from the primary's.
+pub const SHADOW_MISMATCHES: &str = "sidecar_shadow_mismatches_total";
+
 /// Help texts, as Prometheus shows them.
 pub fn describe() {
     use metrics::Unit;
@@ -147,5 +159,22 @@ pub fn describe() {
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access log lines dropped because the writer fell behind."
+    );
+    metrics::describe_counter!(
+        SHADOW_SENT,
+        "Traffic copies sent, by outcome (ok: any response, failed: no response within the copy's timeout)."
+    );
+    metrics::describe_counter!(
+        SHADOW_DROPPED,
+        "Traffic copies dropped, by reason (queue_full, concurrency, circuit_open, no_endpoint, slow, body_error)."
+    );
+    metrics::describe_histogram!(
+        SHADOW_DURATION,
+        Unit::Seconds,
+        "Traffic copies, from hand-off until the response body ended."
+    );
+    metrics::describe_counter!(
+        SHADOW_MISMATCHES,
+        "Traffic copies whose status class (2xx, 4xx, ...) differed from the primary's."
     );
 }
