@@ -136,7 +136,7 @@ impl Shadows {
 struct State {
     policy: Arc<Copy>,
     client: awc::Client,
-    breaker: Arc<Breaker>,
+    breaker: Option<Arc<Breaker>>,
     in_flight: Rc<Cell<usize>>,
 }
 
@@ -179,6 +179,8 @@ impl Shadower {
             .get(&copy.name)
             .is_none_or(|s| *s.policy != **copy);
         if stale {
+            // The copy's own breaker, on a hub of its own: its transitions are not a service's and are not
+            // published as one's.
             let breaker = crate::policy::traffic::Resilience::default()
                 .breaker
                 .map(|p| {
@@ -192,9 +194,6 @@ impl Shadower {
                         },
                     )
                 });
-            let Some(breaker) = breaker else {
-                unreachable!("the default resilience has a breaker")
-            };
             self.states.insert(
                 copy.name.clone(),
                 State {
@@ -234,9 +233,10 @@ impl Handler<CopyJob> for Shadower {
         if state.in_flight.get() >= copy.max_concurrency {
             return drop_with(&counters.concurrency, &job);
         }
-        let ticket = match state.breaker.admit() {
-            Admit::Pass(t) => t,
-            Admit::Refuse(_) => return drop_with(&counters.circuit_open, &job),
+        let ticket = match state.breaker.as_ref().map(Breaker::admit) {
+            None => None,
+            Some(Admit::Pass(t)) => Some(t),
+            Some(Admit::Refuse(_)) => return drop_with(&counters.circuit_open, &job),
         };
         let upstream = match &job.dest {
             CopyDest::Url(u) => u.as_ref().clone(),
@@ -314,7 +314,9 @@ impl Handler<CopyJob> for Shadower {
                 Ok(Ok(status)) => Some(status),
                 _ => None,
             };
-            ticket.record(status.is_none_or(|s| s.is_server_error()));
+            if let Some(ticket) = ticket {
+                ticket.record(status.is_none_or(|s| s.is_server_error()));
+            }
             counters.duration.record(handed.elapsed().as_secs_f64());
             match status {
                 Some(_) => counters.ok.increment(1),

@@ -283,11 +283,7 @@ pub fn plan(
             (Upstreams::One(u.clone()), target, copies)
         }
         Dest::Service(s) => {
-            let copies = if snapshot.shadow.services.is_empty() {
-                None
-            } else {
-                snapshot.shadow.services.get(&*s.name).cloned()
-            };
+            let copies = snapshot.shadow.services.get(&*s.name).cloned();
             (Upstreams::Service(s.clone()), s.target.clone(), copies)
         }
     };

@@ -157,16 +157,6 @@ where
     }
 }
 
-/// The headers a copy is sent with: the app's as the primary's upstream gets them (already rewritten), plus
-/// the mark naming the primary's target.
-pub fn copy_headers(primary: &HeaderMap, source: &str) -> HeaderMap {
-    let mut headers = primary.clone();
-    if let Ok(v) = actix_http::header::HeaderValue::from_str(source) {
-        headers.insert(SHADOW_HEADER, v);
-    }
-    headers
-}
-
 /// Marks every copy with the target of the request it copies.
 pub const SHADOW_HEADER: actix_http::header::HeaderName =
     actix_http::header::HeaderName::from_static("x-sidecar-shadow");
@@ -228,6 +218,49 @@ pub fn pick(
     picked
 }
 
+/// One body per picked copy: a body kept for replay as the same bytes; a streamed one teed, the primary's
+/// stream replaced by the tee that feeds the copies.
+fn copy_bodies(picked: &[(Arc<Copy>, CopyDest)], body: &mut Body) -> Vec<CopyBody> {
+    let whole = |bytes: &Bytes, chunked| CopyBody::Whole {
+        bytes: bytes.clone(),
+        chunked,
+    };
+    let teed = |length, inner: BoxedPayload| {
+        let mut tee = Tee::new(inner);
+        let bodies = picked
+            .iter()
+            .map(|(copy, _)| CopyBody::Teed {
+                length,
+                stream: tee.branch(copy.clone()),
+            })
+            .collect();
+        (bodies, Box::pin(tee) as BoxedPayload)
+    };
+    let each = |make: &dyn Fn() -> CopyBody| picked.iter().map(|_| make()).collect();
+    match body {
+        Body::None => each(&|| CopyBody::None),
+        Body::Empty => each(&|| whole(&Bytes::new(), false)),
+        Body::Replay(bytes) => each(&|| whole(bytes, false)),
+        Body::ReplayChunked(bytes) => each(&|| whole(bytes, true)),
+        Body::Sized(n, payload) => match payload.take() {
+            Some(p) => {
+                let (bodies, tee) = teed(Some(*n), Box::pin(p));
+                *payload = Some(actix_http::Payload::from(tee));
+                bodies
+            }
+            None => each(&|| CopyBody::None),
+        },
+        Body::Stream(stream) => match stream.take() {
+            Some(s) => {
+                let (bodies, tee) = teed(None, s);
+                *stream = Some(tee);
+                bodies
+            }
+            None => each(&|| CopyBody::None),
+        },
+    }
+}
+
 /// The request a copy is made of.
 #[derive(Debug)]
 pub struct Primary<'a> {
@@ -253,51 +286,16 @@ pub fn hand_off(
     if let Ok(v) = HeaderValue::from_str(&primary.plan.upstreams.name()) {
         headers.insert(SHADOW_HEADER, v);
     }
-    let mut tee = None;
-    let mut bodies: Vec<CopyBody> = Vec::with_capacity(picked.len());
-    for (copy, _) in &picked {
-        let b = match body {
-            Body::None => CopyBody::None,
-            Body::Empty => CopyBody::Whole {
-                bytes: Bytes::new(),
-                chunked: false,
-            },
-            Body::Replay(bytes) => CopyBody::Whole {
-                bytes: bytes.clone(),
-                chunked: false,
-            },
-            Body::ReplayChunked(bytes) => CopyBody::Whole {
-                bytes: bytes.clone(),
-                chunked: true,
-            },
-            Body::Sized(n, _) => CopyBody::Teed {
-                length: Some(*n),
-                stream: tee.get_or_insert_with(Vec::new).push_branch(copy.clone()),
-            },
-            Body::Stream(_) => CopyBody::Teed {
-                length: None,
-                stream: tee.get_or_insert_with(Vec::new).push_branch(copy.clone()),
-            },
+    let bodies = copy_bodies(&picked, body);
+    let last = picked.len().saturating_sub(1);
+    let mut headers = Some(headers);
+    for (i, ((copy, dest), body)) in picked.into_iter().zip(bodies).enumerate() {
+        // The last copy takes the headers; the others a copy each.
+        let headers = if i == last {
+            headers.take().unwrap_or_default()
+        } else {
+            headers.clone().unwrap_or_default()
         };
-        bodies.push(b);
-    }
-    if let Some(branches) = tee {
-        match body {
-            Body::Sized(_, payload) => {
-                if let Some(p) = payload.take() {
-                    let teed: BoxedPayload = Box::pin(Tee { inner: p, branches });
-                    *payload = Some(actix_http::Payload::from(teed));
-                }
-            }
-            Body::Stream(stream) => {
-                if let Some(s) = stream.take() {
-                    *stream = Some(Box::pin(Tee { inner: s, branches }));
-                }
-            }
-            _ => {}
-        }
-    }
-    for ((copy, dest), body) in picked.into_iter().zip(bodies) {
         let meet = copy.compare.then(|| {
             let m = Arc::new(Meet::default());
             meets.push((m.clone(), copy.clone()));
@@ -311,30 +309,12 @@ pub fn hand_off(
             dest,
             method: primary.method.clone(),
             uri: primary.uri.clone(),
-            headers: headers.clone(),
+            headers,
             body,
             trace,
             meet,
             handed: std::time::Instant::now(),
         });
-    }
-}
-
-/// The copies' ends of a tee being built.
-trait Branches {
-    fn push_branch(&mut self, copy: Arc<Copy>) -> CopyStream;
-}
-
-impl Branches for Vec<Branch> {
-    fn push_branch(&mut self, copy: Arc<Copy>) -> CopyStream {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed::default());
-        self.push(Branch {
-            copy,
-            chunks: tx,
-            feed: feed.clone(),
-        });
-        CopyStream { chunks: rx, feed }
     }
 }
 
