@@ -67,6 +67,10 @@ pub struct Record {
     pub direction: &'static str,
     /// The mesh peer's SPIFFE identity, for an inbound request.
     pub peer: Option<std::sync::Arc<str>>,
+    /// How many shadow copies of the request were handed to the shadow actor.
+    pub copies: u32,
+    /// A fan-out request's tally (the `x-sidecar-fanout` header's value).
+    pub fanout: Option<Box<str>>,
 }
 
 impl Record {
@@ -96,6 +100,8 @@ impl Record {
             trace_id,
             direction,
             peer,
+            copies: 0,
+            fanout: None,
         }
     }
 
@@ -146,6 +152,13 @@ impl Record {
         out.extend_from_slice(b",\"peer\":");
         match &self.peer {
             Some(p) => json_string(out, p),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"copies\":");
+        push_int(out, u64::from(self.copies), 1);
+        out.extend_from_slice(b",\"fanout\":");
+        match &self.fanout {
+            Some(f) => json_string(out, f),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b"}\n");
@@ -358,6 +371,8 @@ mod tests {
             trace_id: None,
             direction: "inbound",
             peer: Some("spiffe://mesh.test/service/pay\"ments".into()),
+            copies: 2,
+            fanout: Some("ok=2,failed=1,timeout=0".into()),
         };
         let mut line = Vec::new();
         record.write_json(&mut line);
@@ -368,6 +383,8 @@ mod tests {
         assert!(value["upstream"].is_null());
         assert_eq!(value["direction"], "inbound");
         assert_eq!(value["peer"], "spiffe://mesh.test/service/pay\"ments");
+        assert_eq!(value["copies"], 2);
+        assert_eq!(value["fanout"], "ok=2,failed=1,timeout=0");
         assert!(line.ends_with(b"}\n"));
         let with_query = Record {
             query: true,

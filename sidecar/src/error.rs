@@ -65,6 +65,10 @@ pub enum Cause {
     BadPath,
     /// A header name with `_` on the mesh hop, with `mesh.headers_with_underscores: reject`.
     UnderscoreHeader,
+    /// The request body is over the limit of a fan-out group, which reads it whole before sending.
+    BodyTooLarge,
+    /// The `fanout` header names no group of the policy.
+    NoFanoutGroup,
 }
 
 /// How an attempt that failed with a cause may be retried (the policy's `retries.on` decides whether it is).
@@ -130,6 +134,8 @@ impl Cause {
                 c(UNAVAILABLE, Retry::No, false)
             }
             RateLimited => c(StatusCode::TOO_MANY_REQUESTS, Retry::No, false),
+            BodyTooLarge => c(StatusCode::PAYLOAD_TOO_LARGE, Retry::No, false),
+            NoFanoutGroup => c(UNAVAILABLE, Retry::No, false),
         }
     }
 
@@ -165,11 +171,13 @@ impl Cause {
             EgressDenied => "egress-denied",
             BadPath => "bad-path",
             UnderscoreHeader => "underscore-header",
+            BodyTooLarge => "body-too-large",
+            NoFanoutGroup => "no-fanout-group",
         }
     }
 
     /// Every cause, for documentation tests.
-    pub const ALL: [Cause; 23] = {
+    pub const ALL: [Cause; 25] = {
         use Cause::*;
         [
             MissingTarget,
@@ -195,6 +203,8 @@ impl Cause {
             EgressDenied,
             BadPath,
             UnderscoreHeader,
+            BodyTooLarge,
+            NoFanoutGroup,
         ]
     };
 }

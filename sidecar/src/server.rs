@@ -59,6 +59,10 @@ struct Tasks {
     handles: Vec<(u64, bool, ServerHandle)>,
     tasks: Vec<JoinHandle<std::io::Result<()>>>,
     next_id: u64,
+    /// Async fan-outs accepted and not yet sent, which a graceful stop waits for.
+    fanouts: crate::control::fanout::Fanouts,
+    /// How long a graceful stop waits for them: the policy's drain timeout.
+    drain_timeout: std::time::Duration,
 }
 
 impl Tasks {
@@ -115,9 +119,24 @@ impl Running {
 
 async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) {
     draining.store(true, Ordering::Release);
-    let handles = std::mem::take(&mut tasks.borrow_mut().handles);
+    let (handles, fanouts, timeout) = {
+        let mut t = tasks.borrow_mut();
+        (
+            std::mem::take(&mut t.handles),
+            t.fanouts.clone(),
+            t.drain_timeout,
+        )
+    };
     let (admin, egress): (Vec<_>, Vec<_>) = handles.into_iter().partition(|(_, admin, _)| *admin);
-    for (_, _, handle) in egress.into_iter().chain(admin) {
+    for (_, _, handle) in egress {
+        handle.stop(graceful).await;
+    }
+    // The fan-outs the app was answered 202 for run on a thread of their own: once no listener takes new ones,
+    // they get what is left of the drain timeout to be sent.
+    if graceful {
+        fanouts.settle(timeout).await;
+    }
+    for (_, _, handle) in admin {
         handle.stop(graceful).await;
     }
 }
@@ -129,6 +148,7 @@ struct EgressFactory {
     tls: Arc<rustls::ClientConfig>,
     identity: Option<Arc<Identity>>,
     shadows: crate::control::shadow::Shadows,
+    fanouts: crate::control::fanout::Fanouts,
 }
 
 impl EgressFactory {
@@ -142,6 +162,7 @@ impl EgressFactory {
         let (snapshot, tls) = (self.snapshot.clone(), self.tls.clone());
         let identity = self.identity.clone();
         let shadows = self.shadows.clone();
+        let fanouts = self.fanouts.clone();
         let metrics = snapshot.load().hub.metrics;
         let server = HttpServer::new(move || {
             // Runs once per worker thread: the awc client is !Send and lives with its worker, and the thread
@@ -152,6 +173,7 @@ impl EgressFactory {
                 tls.clone(),
                 identity.clone(),
                 shadows.clone(),
+                fanouts.clone(),
             ));
             let closing = closing.clone();
             actix_service::fn_service(move |req: Request| {
@@ -571,6 +593,7 @@ impl ListenerControl for Servers {
         let mut done = Vec::new();
         let (a, b) = (&running.listeners, &next.listeners);
         // Upstream pool settings need no new server: the workers' forwarders follow the snapshot.
+        self.tasks.borrow_mut().drain_timeout = b.drain_timeout;
         if a.egress != b.egress
             || a.workers != b.workers
             || a.drain_timeout != b.drain_timeout
@@ -680,7 +703,12 @@ fn start_in(
     };
     let hub = crate::resilience::monitor::Hub::new(options.clock.clone(), metrics);
     let snapshot = Snapshot::shared(&policy, hub);
-    let tasks = Rc::new(RefCell::new(Tasks::default()));
+    let fanouts = crate::control::fanout::Fanouts::default();
+    let tasks = Rc::new(RefCell::new(Tasks {
+        fanouts: fanouts.clone(),
+        drain_timeout: policy.listeners.drain_timeout,
+        ..Tasks::default()
+    }));
     let draining = Draining::default();
     let shadows = crate::control::shadow::Shadows::default();
     let egress_factory = EgressFactory {
@@ -688,6 +716,7 @@ fn start_in(
         tls: tls.clone(),
         identity: identity.clone(),
         shadows: shadows.clone(),
+        fanouts: fanouts.clone(),
     };
     let egress = Built::egress(&egress_factory, listeners.egress, &policy.listeners)?;
 
@@ -754,6 +783,20 @@ fn start_in(
     metrics.start(crate::control::discovery::Discovery::new(snapshot.clone()));
     // Traffic copies are sent from a thread of their own: no copy shares a worker's event loop. It runs even
     // while no policy asks for copies, so that a reload can add some; it stops with the actix system.
+    // So are the fan-outs answered 202 at once: they outlive the connection that brought them.
+    {
+        let (snapshot, tls) = (snapshot.clone(), tls.clone());
+        let identity = egress_factory.identity.clone();
+        let arbiter = actix_rt::Arbiter::new();
+        let started = arbiter.spawn_fn(move || {
+            metrics.enter_thread();
+            let fanner = crate::control::fanout::Fanner::new(fanouts, snapshot, tls, identity);
+            actix::Actor::start(fanner);
+        });
+        if !started {
+            tracing::warn!("cannot start the fan-out thread: async fan-outs are refused (503)");
+        }
+    }
     {
         let (pool, hub) = (snapshot.load().pool.clone(), snapshot.load().hub.clone());
         let arbiter = actix_rt::Arbiter::new();

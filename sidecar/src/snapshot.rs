@@ -61,6 +61,8 @@ pub struct Snapshot {
     pub hub: Hub,
     /// Traffic copies of services and URL authorities (a dispatch rule's are in its rewrite).
     pub shadow: Arc<crate::policy::ShadowPolicy>,
+    /// Fan-out groups, by name and by the `Host` that selects them.
+    pub fanout: Arc<crate::policy::fanout::FanoutPolicy>,
 }
 
 /// A service of the registry: its policy and the state that outlives a reload when the policy is unchanged.
@@ -469,6 +471,7 @@ impl Snapshot {
             pool_generation,
             hub,
             shadow: Arc::new(policy.shadow.clone()),
+            fanout: policy.fanout.clone(),
         }
     }
 

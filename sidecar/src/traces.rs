@@ -244,6 +244,24 @@ pub fn client_span(
     parent.with_span(span).with_value(parent_id)
 }
 
+/// The span of one fan-out target, child of the server span: the target's attempts are its children, so a
+/// trace shows each target of the group as one branch.
+pub fn fanout_span(parent: &Context, group: &str, target: &str) -> Context {
+    let Some(traces) = get() else {
+        return parent.clone();
+    };
+    let span = traces
+        .tracer
+        .span_builder(format!("fanout {target}"))
+        .with_kind(SpanKind::Internal)
+        .with_attributes(vec![
+            KeyValue::new("sidecar.fanout.group", group.to_string()),
+            KeyValue::new("sidecar.fanout.target", target.to_string()),
+        ])
+        .start_with_context(&traces.tracer, parent);
+    parent.with_span(span)
+}
+
 /// Ends an attempt's span with its response status, or the cause it failed with.
 pub fn end_client_span(cx: &Context, result: Result<StatusCode, crate::error::Cause>) {
     let span = cx.span();

@@ -903,3 +903,55 @@ async fn the_inbound_listener_speaks_h2_or_http1_by_alpn() {
     assert_eq!(curl("--http1.1").await.unwrap(), "200 1.1");
     sidecar.stop().await;
 }
+
+#[actix_rt::test]
+async fn shadow_copies_and_fan_out_tallies_show_in_the_access_log() {
+    let primary =
+        RawUpstream::start(|_| support::response(200, &[("content-length", "2")], b"ok")).await;
+    let copy =
+        RawUpstream::start(|_| support::response(200, &[("content-length", "0")], b"")).await;
+    let dir = temp_dir("log-copies");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "access_log: {{}}\negress:\n  shadow:\n    '{p}':\n      - to: '{c}'\nfanout:\n  g:\n    mode: all\n    targets:\n      - to: '{p}'\n",
+            p = primary.url(""),
+            c = copy.url(""),
+        ),
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(&policy)
+        .env_remove("SIDECAR_CONFIG")
+        .current_dir(std::env::temp_dir());
+    let (sidecar, stdout) = SidecarProcess::spawn_capturing_stdout(cmd);
+    let rx = lines(stdout);
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(support::DEADLINE)
+            .expect("an access log line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+
+    let target = primary.url("");
+    assert_eq!(
+        get(sidecar.addr, "/a", &[("target", &target)]).await.status,
+        200
+    );
+    let shadowed = next();
+    assert_eq!(shadowed["copies"], 1, "{shadowed}");
+    assert!(shadowed["fanout"].is_null());
+
+    assert_eq!(
+        get(sidecar.addr, "/b", &[("fanout", "g")]).await.status,
+        200
+    );
+    let fanned = next();
+    assert_eq!(fanned["service"], "fanout:g");
+    assert_eq!(fanned["fanout"], "ok=1,failed=0,timeout=0", "{fanned}");
+    assert_eq!(fanned["copies"], 0);
+    drop(sidecar);
+    let _ = std::fs::remove_dir_all(&dir);
+}

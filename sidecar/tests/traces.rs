@@ -376,3 +376,69 @@ async fn b3_is_written_in_the_apps_form_and_spans_leave_the_query_out() {
     assert!(urls.iter().all(|u| !u.contains("token")), "{urls:?}");
     drop(sidecar);
 }
+
+#[actix_rt::test]
+async fn each_fan_out_target_is_a_branch_of_the_requests_trace() {
+    let (collector, spans, arrived) = receiver().await;
+    let (a, b) = (RawUpstream::ok().await, RawUpstream::ok().await);
+    let dir = std::env::temp_dir().join(format!("sidecar-fanout-traces-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "fanout:\n  g:\n    mode: all\n    targets:\n      - {{to: '{}', name: a}}\n      - {{to: '{}', name: b}}\n",
+            a.url(""),
+            b.url("")
+        ),
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(&policy)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        .env_remove("SIDECAR_CONFIG")
+        .current_dir(std::env::temp_dir());
+    let sidecar = SidecarProcess::spawn(cmd);
+
+    let reply = get(sidecar.addr, "/hook", &[("fanout", "g")]).await;
+    assert_eq!(reply.status, 200);
+    tokio::time::timeout(support::DEADLINE, async {
+        while spans.lock().unwrap().len() < 5 {
+            arrived.notified().await;
+        }
+    })
+    .await
+    .expect("the spans reached the collector");
+    let spans: Vec<Span> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s)| s.clone())
+        .collect();
+    let of =
+        |kind: SpanKind| -> Vec<&Span> { spans.iter().filter(|s| s.kind == kind as i32).collect() };
+    let (server, legs, clients) = (
+        of(SpanKind::Server),
+        of(SpanKind::Internal),
+        of(SpanKind::Client),
+    );
+    assert_eq!((server.len(), legs.len(), clients.len()), (1, 2, 2));
+    let mut names: Vec<&str> = legs.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["fanout a", "fanout b"]);
+    for leg in &legs {
+        assert_eq!(
+            leg.parent_span_id, server[0].span_id,
+            "a leg is a child of the request"
+        );
+        let children: Vec<_> = clients
+            .iter()
+            .filter(|c| c.parent_span_id == leg.span_id)
+            .collect();
+        assert_eq!(children.len(), 1, "each leg's attempt is its child");
+    }
+    drop(sidecar);
+    let _ = std::fs::remove_dir_all(&dir);
+}

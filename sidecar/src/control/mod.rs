@@ -7,9 +7,11 @@
 //! - [`monitor`]: reports breaker transitions, publishes breaker states, evicts idle rate-limit keys.
 //! - [`cert_watcher`]: re-reads the mesh certificate files and swaps in a valid new set.
 //! - [`shadow`]: sends traffic copies, on a thread of its own.
+//! - [`fanout`]: sends the fan-outs of `async` groups, on a thread of its own; a graceful stop waits for them.
 
 pub mod cert_watcher;
 pub mod discovery;
+pub mod fanout;
 pub mod health;
 pub mod monitor;
 pub mod shadow;

@@ -113,10 +113,10 @@ pub struct Shadows(Arc<OnceLock<Recipient<CopyJob>>>);
 
 impl Shadows {
     /// Hands a copy over without waiting; a full mailbox (or no actor) drops it, counted.
-    pub fn offer(&self, job: CopyJob) {
+    pub fn offer(&self, job: CopyJob) -> bool {
         let refused = match self.0.get() {
             Some(r) => match r.try_send(job) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(SendError::Full(job) | SendError::Closed(job)) => job,
             },
             None => job,
@@ -125,6 +125,7 @@ impl Shadows {
         if let Some(meet) = &refused.meet {
             meet.copy(0, &refused.copy);
         }
+        false
     }
 
     fn connect(&self, actor: Recipient<CopyJob>) {

@@ -22,7 +22,7 @@ use actix_http::{Method, Uri};
 use awc::FrozenClientRequest;
 
 use super::body::Body;
-use super::exchange::Exchange;
+use super::exchange::Seen;
 use super::headers::{append_forwarded_for, strip_request};
 use super::route::{Plan, Upstreams};
 use crate::error::{Cause, ProxyError};
@@ -51,7 +51,7 @@ pub async fn attempt(
     outbound: Outbound<'_>,
     body: &mut Body,
     mut ticket: Option<Ticket>,
-    exchange: &mut Exchange,
+    seen: Seen<'_>,
     instruments: &Instruments,
 ) -> Result<awc::ClientResponse, ProxyError> {
     let Outbound {
@@ -62,8 +62,7 @@ pub async fn attempt(
     } = outbound;
     let mut headers = Some(rewrite(plan, headers, peer));
     let host_patched = plan.host_patched();
-    let labels = &mut exchange.labels;
-    let trace = exchange.hold.trace.as_ref();
+    let Seen { labels, trace } = seen;
     let mut request: Option<(usize, FrozenClientRequest)> = None;
     let mut avoid = None;
     loop {

@@ -103,6 +103,17 @@ impl Body {
         }
     }
 
+    /// The body kept whole, to send to several targets; `None` when it streams (it was too large to keep).
+    pub fn whole(&self) -> Option<Whole> {
+        match self {
+            Body::None => Some(Whole::None),
+            Body::Empty => Some(Whole::Empty),
+            Body::Replay(b) => Some(Whole::Bytes(b.clone())),
+            Body::ReplayChunked(b) => Some(Whole::Chunked(b.clone())),
+            Body::Sized(..) | Body::Stream(_) => None,
+        }
+    }
+
     /// Whether a retry can send the same body again.
     pub fn replayable(&self) -> bool {
         matches!(
@@ -134,6 +145,28 @@ impl Body {
                 Some(s) => request.stream(s),
                 None => request.body(()),
             },
+        }
+    }
+}
+
+/// A body kept whole: sent as many times as needed, from any thread (a fan-out's targets share its bytes).
+#[derive(Debug, Clone)]
+pub enum Whole {
+    None,
+    Empty,
+    Bytes(Bytes),
+    /// Sent chunked, as the app sent it.
+    Chunked(Bytes),
+}
+
+impl Whole {
+    /// A body to send it with, sharing its bytes.
+    pub fn body(&self) -> Body {
+        match self {
+            Whole::None => Body::None,
+            Whole::Empty => Body::Empty,
+            Whole::Bytes(b) => Body::Replay(b.clone()),
+            Whole::Chunked(b) => Body::ReplayChunked(b.clone()),
         }
     }
 }

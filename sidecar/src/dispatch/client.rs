@@ -123,3 +123,81 @@ impl Service<ConnectInfo<Uri>> for NoDelay {
         })
     }
 }
+
+/// One thread's upstream clients: the shared one and, per `mesh: true` service, the mTLS client that verifies
+/// that service's identity (built on first use). They follow the snapshot's pool settings: when a reload
+/// changes them, the clients are built again; requests in flight keep the old ones, whose idle connections
+/// close when the last of them ends.
+pub struct Clients {
+    /// TLS settings of the shared client, kept to rebuild it.
+    tls: Arc<rustls::ClientConfig>,
+    /// The snapshot's `pool_generation` that `client` and `settings` were built for.
+    generation: std::cell::Cell<u64>,
+    client: std::cell::RefCell<awc::Client>,
+    /// Pool settings of `client`, and of the mesh clients built on first use.
+    settings: std::cell::RefCell<Arc<UpstreamSettings>>,
+    /// This sidecar's mesh certificates, when the policy had a `mesh` section at start-up.
+    identity: Option<Arc<crate::mesh::Identity>>,
+    mesh: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients").finish_non_exhaustive()
+    }
+}
+
+impl Clients {
+    /// Clients built from `snapshot`'s pool settings and `tls`; the mesh clients on `identity`.
+    pub fn new(
+        snapshot: &crate::snapshot::Snapshot,
+        tls: Arc<rustls::ClientConfig>,
+        identity: Option<Arc<crate::mesh::Identity>>,
+    ) -> Self {
+        Self {
+            client: std::cell::RefCell::new(build(&snapshot.pool, tls.clone())),
+            tls,
+            generation: std::cell::Cell::new(snapshot.pool_generation),
+            settings: std::cell::RefCell::new(snapshot.pool.clone()),
+            identity,
+            mesh: std::cell::RefCell::default(),
+        }
+    }
+
+    /// Rebuilds the clients when a reload changed the pool settings.
+    pub fn follow_pool(&self, snapshot: &crate::snapshot::Snapshot) {
+        if snapshot.pool_generation == self.generation.get() {
+            return;
+        }
+        self.generation.set(snapshot.pool_generation);
+        *self.client.borrow_mut() = build(&snapshot.pool, self.tls.clone());
+        *self.settings.borrow_mut() = snapshot.pool.clone();
+        self.mesh.borrow_mut().clear();
+    }
+
+    /// The client for a plan: the shared one, or the mesh client that verifies the service's identity.
+    pub fn client_for(
+        &self,
+        plan: &super::route::Plan,
+    ) -> Result<awc::Client, crate::error::ProxyError> {
+        let Some((service, mesh)) = &plan.mesh else {
+            return Ok(self.client.borrow().clone());
+        };
+        if let Some(c) = self.mesh.borrow().get(service) {
+            return Ok(c.clone());
+        }
+        let Some(identity) = &self.identity else {
+            return Err(crate::error::ProxyError::new(
+                crate::error::Cause::UpstreamTls,
+                service.to_string(),
+                "this sidecar started without a mesh section: restart it to call mesh services",
+            ));
+        };
+        let config = identity.client_config(crate::certs::spiffe_id(&mesh.trust_domain, service));
+        let client = build(&self.settings.borrow(), Arc::new(config));
+        self.mesh
+            .borrow_mut()
+            .insert(service.clone(), client.clone());
+        Ok(client)
+    }
+}

@@ -83,4 +83,20 @@ impl Exchange {
     pub fn trace(&self) -> Option<&Context> {
         self.hold.trace.as_ref()
     }
+
+    /// What the attempts of this request record on.
+    pub fn seen(&mut self) -> Seen<'_> {
+        Seen {
+            labels: &mut self.labels,
+            trace: self.hold.trace.as_ref(),
+        }
+    }
+}
+
+/// What attempts record on: the labels of their request's metrics, and the span their spans are children of
+/// (the server span, or a fan-out target's).
+#[derive(Debug)]
+pub struct Seen<'a> {
+    pub labels: &'a mut RequestLabels,
+    pub trace: Option<&'a Context>,
 }

@@ -9,8 +9,8 @@
 //! map is moved into the upstream request and the upstream's into the response. No lock either: what the
 //! shared per-target state costs instead is in `docs/request-path.md`.
 
-use std::cell::Cell;
 use std::mem;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix_http::{Method, Request, Response};
@@ -18,14 +18,18 @@ use actix_http::{Method, Request, Response};
 use super::admit::{Asking, Gates, admit};
 use super::attempt::{Outbound, attempt};
 use super::body::{Body, request_body};
+use super::client::Clients;
 use super::exchange::{Exchange, Listener};
+use super::fanout;
 use super::guard::guard;
 use super::respond::{ATTEMPTS, ProxyBody, answer, attempts_value, finish, relay};
 use super::route::{Plan, Targets, plan};
 use super::shadow;
 use crate::access_log::Sampler;
+use crate::control::fanout::FanoutJob;
 use crate::control::shadow::Meet;
 use crate::error::{Cause, ProxyError};
+use crate::policy::fanout::Mode;
 use crate::snapshot::SharedSnapshot;
 use crate::telemetry::{Instruments, Timed};
 
@@ -36,26 +40,18 @@ const EGRESS: Listener = Listener {
     service: "none",
 };
 
-/// One worker's forwarder: the shared snapshot and the worker's own upstream client.
+/// One worker's forwarder: the shared snapshot and the worker's own upstream clients.
 pub struct Forwarder {
     snapshot: SharedSnapshot,
-    /// TLS settings of the shared client, kept to rebuild it.
-    tls: Arc<rustls::ClientConfig>,
-    /// The snapshot's `pool_generation` that `client` and `settings` were built for.
-    generation: Cell<u64>,
-    client: std::cell::RefCell<awc::Client>,
-    /// Pool settings of `client`, and of the mesh clients built on first use.
-    settings: std::cell::RefCell<Arc<crate::policy::UpstreamSettings>>,
-    /// This sidecar's mesh certificates, when the policy had a `mesh` section at start-up.
-    identity: Option<Arc<crate::mesh::Identity>>,
-    /// One mTLS client per `mesh: true` service (each verifies that service's identity), built on first use.
-    mesh_clients: std::cell::RefCell<std::collections::HashMap<Arc<str>, awc::Client>>,
+    clients: Clients,
     /// The `target` URLs this worker has parsed.
     targets: Targets,
-    instruments: Instruments,
+    instruments: Rc<Instruments>,
     sampler: Sampler,
     /// This sidecar's shadow actor, which sends traffic copies.
     shadows: crate::control::shadow::Shadows,
+    /// This sidecar's fan-out actor, which sends the fan-outs answered at once.
+    fanouts: crate::control::fanout::Fanouts,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -65,66 +61,24 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// Builds the worker's client from the snapshot's pool settings and `tls`; the mesh clients are built with
-    /// the same pool settings, on `identity`.
+    /// Builds the worker's clients from the snapshot's pool settings, `tls` and `identity`.
     pub fn new(
         snapshot: SharedSnapshot,
         tls: Arc<rustls::ClientConfig>,
         identity: Option<Arc<crate::mesh::Identity>>,
         shadows: crate::control::shadow::Shadows,
+        fanouts: crate::control::fanout::Fanouts,
     ) -> Self {
-        let (generation, settings) = {
-            let s = snapshot.load();
-            (s.pool_generation, s.pool.clone())
-        };
+        let clients = Clients::new(&snapshot.load(), tls, identity);
         Self {
-            client: std::cell::RefCell::new(super::client::build(&settings, tls.clone())),
             snapshot,
-            tls,
-            generation: Cell::new(generation),
-            settings: std::cell::RefCell::new(settings),
-            identity,
-            mesh_clients: std::cell::RefCell::default(),
+            clients,
             targets: Targets::default(),
-            instruments: Instruments::default(),
+            instruments: Rc::default(),
             sampler: Sampler::default(),
             shadows,
+            fanouts,
         }
-    }
-
-    /// Rebuilds the clients when a reload changed the pool settings; requests in flight keep the old client,
-    /// whose idle connections close when the last of them ends.
-    fn follow_pool(&self, snapshot: &crate::snapshot::Snapshot) {
-        if snapshot.pool_generation == self.generation.get() {
-            return;
-        }
-        self.generation.set(snapshot.pool_generation);
-        *self.client.borrow_mut() = super::client::build(&snapshot.pool, self.tls.clone());
-        *self.settings.borrow_mut() = snapshot.pool.clone();
-        self.mesh_clients.borrow_mut().clear();
-    }
-
-    /// The client for a plan: the shared one, or the mesh client that verifies the service's identity.
-    fn client_for(&self, plan: &Plan) -> Result<awc::Client, ProxyError> {
-        let Some((service, mesh)) = &plan.mesh else {
-            return Ok(self.client.borrow().clone());
-        };
-        if let Some(c) = self.mesh_clients.borrow().get(service) {
-            return Ok(c.clone());
-        }
-        let Some(identity) = &self.identity else {
-            return Err(ProxyError::new(
-                Cause::UpstreamTls,
-                service.to_string(),
-                "this sidecar started without a mesh section: restart it to call mesh services",
-            ));
-        };
-        let config = identity.client_config(crate::certs::spiffe_id(&mesh.trust_domain, service));
-        let client = super::client::build(&self.settings.borrow(), Arc::new(config));
-        self.mesh_clients
-            .borrow_mut()
-            .insert(service.clone(), client.clone());
-        Ok(client)
     }
 
     /// Handles one app request. Never fails: errors become responses.
@@ -161,8 +115,24 @@ impl Forwarder {
         // awaited, so a slow upstream never pins an old policy.
         let (plan, picked) = {
             let snapshot = self.snapshot.load();
-            self.follow_pool(&snapshot);
+            self.clients.follow_pool(&snapshot);
             guard(&head, snapshot.max_header_size)?;
+            if let Some(group) = fanout::select(&snapshot, &head.headers)? {
+                exchange.labels.service = metrics::SharedString::from(group.label.clone());
+                let planned =
+                    fanout::legs(&snapshot, &group, &head.headers, peer, exchange.started);
+                let deadline = exchange.started + group.timeout.unwrap_or(snapshot.request_timeout);
+                drop(snapshot);
+                let request = Fanned {
+                    group,
+                    planned,
+                    deadline,
+                    method,
+                    uri: head.uri.clone(),
+                    peer,
+                };
+                return self.fan_out(request, framing, payload, exchange).await;
+            }
             let plan = plan(
                 &snapshot,
                 &mut head.headers,
@@ -191,7 +161,7 @@ impl Forwarder {
         )
         .await?;
 
-        let client = self.client_for(&plan)?;
+        let client = self.clients.client_for(&plan)?;
         let retries = &plan.target.policy.retries;
         let replay = (retries.max_retries > 0).then_some(retries.max_body);
         let mut body = Body::read(
@@ -211,7 +181,10 @@ impl Forwarder {
                 peer,
                 trace: exchange.trace(),
             };
-            shadow::hand_off(picked, copy, &mut body, &self.shadows, meets);
+            let handed = shadow::hand_off(picked, copy, &mut body, &self.shadows, meets);
+            if let Some(record) = &mut exchange.record {
+                record.copies = handed;
+            }
         }
 
         let headers = mem::take(&mut head.headers);
@@ -227,10 +200,131 @@ impl Forwarder {
             outbound,
             &mut body,
             ticket,
-            exchange,
+            exchange.seen(),
             &self.instruments,
         )
         .await
         .map(relay)
     }
+
+    /// A fan-out group's request: the body read whole (past the group's `max_body`: 413 before anything is
+    /// sent), one leg per target, answered as the group's mode says.
+    async fn fan_out(
+        &self,
+        request: Fanned,
+        framing: actix_http::body::BodySize,
+        payload: actix_http::Payload,
+        exchange: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Fanned {
+            group,
+            planned,
+            deadline,
+            method,
+            uri,
+            peer,
+        } = request;
+        let too_large = || {
+            ProxyError::new(
+                Cause::BodyTooLarge,
+                group.name.to_string(),
+                format!(
+                    "the request body is over the fan-out group's max_body ({}); nothing was sent",
+                    crate::policy::units::format_size(group.max_body as u64)
+                ),
+            )
+        };
+        if let actix_http::body::BodySize::Sized(n) = framing
+            && n > group.max_body as u64
+        {
+            return Err(too_large());
+        }
+        let body = Body::read(
+            framing,
+            payload,
+            Some(group.max_body),
+            deadline,
+            &mut exchange.labels,
+        )
+        .await?;
+        let whole = body.whole().ok_or_else(too_large)?;
+        let legs: Vec<fanout::Leg> = planned
+            .into_iter()
+            .map(|(target, plan, headers)| fanout::Leg {
+                trace: exchange
+                    .trace()
+                    .map(|cx| crate::traces::fanout_span(cx, &group.name, &target.name)),
+                target,
+                plan,
+                method: method.clone(),
+                uri: uri.clone(),
+                headers,
+                peer,
+                body: whole.clone(),
+            })
+            .collect();
+        if group.mode == Mode::Async {
+            let slots = group.slots().map_err(|full| {
+                full.counters().queue_full.increment(1);
+                ProxyError::new(
+                    Cause::Overloaded,
+                    full.name.to_string(),
+                    "the fan-out queue of this target is full",
+                )
+            })?;
+            let queued = legs.len();
+            let job = FanoutJob {
+                group: group.clone(),
+                legs,
+                slots,
+            };
+            self.fanouts.offer(job).map_err(|job| {
+                for t in &job.group.targets {
+                    t.counters().queue_full.increment(1);
+                }
+                ProxyError::new(
+                    Cause::Overloaded,
+                    group.name.to_string(),
+                    "the fan-out queue of this sidecar is full",
+                )
+            })?;
+            if let Some(record) = &mut exchange.record {
+                record.fanout = Some(format!("queued={queued}").into());
+            }
+            return Ok(fanout::accepted(queued));
+        }
+        let answered = fanout::answer(&group, legs, &self.clients, &self.instruments).await;
+        if let Some(record) = &mut exchange.record {
+            let tally = match &answered.result {
+                Ok(res) => res.headers().get(fanout::FANOUT_HEADER),
+                Err(e) => e
+                    .headers
+                    .iter()
+                    .find(|(name, _)| *name == fanout::FANOUT_HEADER)
+                    .map(|(_, v)| v),
+            };
+            record.fanout = tally.and_then(|v| v.to_str().ok()).map(Into::into);
+        }
+        exchange.labels.upstream = answered.upstream;
+        exchange.labels.attempts = answered.attempts;
+        if answered.permit.is_some() {
+            exchange.hold.permit = answered.permit;
+        }
+        answered.result
+    }
+}
+
+/// A request routed to a fan-out group: the group, each target's plan and headers, the deadline its body is
+/// read by, and what every leg sends.
+struct Fanned {
+    group: Arc<crate::policy::fanout::Group>,
+    planned: Vec<(
+        Arc<crate::policy::fanout::FanTarget>,
+        Result<Plan, ProxyError>,
+        actix_http::header::HeaderMap,
+    )>,
+    deadline: std::time::Instant,
+    method: Method,
+    uri: actix_http::Uri,
+    peer: Option<std::net::IpAddr>,
 }

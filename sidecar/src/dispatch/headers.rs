@@ -14,6 +14,8 @@ use actix_http::header::{
 pub const TARGET: HeaderName = HeaderName::from_static("target");
 /// `true` when `target` names a service of the registry.
 pub const INTERNAL: HeaderName = HeaderName::from_static("internal");
+/// Names the fan-out group a request goes to (every target of it).
+pub const FANOUT: HeaderName = HeaderName::from_static("fanout");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -71,6 +73,7 @@ pub fn strip_request(headers: &mut HeaderMap) {
     strip(headers, |name| {
         *name == TARGET
             || *name == INTERNAL
+            || *name == FANOUT
             || (expect_continue && *name == EXPECT)
             || is_own_underscore_spelling(name)
     });

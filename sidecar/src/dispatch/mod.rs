@@ -6,7 +6,7 @@
 //! [`forward`] runs them for the egress listener, and the mesh inbound listener ([`crate::mesh`]) reuses
 //! admit, body and respond. Also here: header hygiene ([`headers`]), path normalization for rules that match
 //! paths ([`path`]), the per-worker upstream client ([`client`]), and which requests are copied with the tee
-//! that feeds copies a streamed body ([`shadow`]); upstream addresses are values of their own
+//! that feeds copies a streamed body ([`shadow`]), fan-out groups' legs and answers ([`fanout`]); upstream addresses are values of their own
 //! ([`crate::upstream`]). Does not own: policy state (read from the [`crate::snapshot`]) or anything that needs
 //! a timer or a mailbox. Called by the listeners built in [`crate::server`] and [`crate::mesh`].
 
@@ -15,6 +15,7 @@ pub mod attempt;
 pub mod body;
 pub mod client;
 pub mod exchange;
+pub mod fanout;
 pub mod forward;
 pub mod guard;
 pub mod headers;

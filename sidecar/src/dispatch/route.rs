@@ -271,6 +271,71 @@ pub fn plan(
 ) -> Result<Plan, ProxyError> {
     let route = route(snapshot, headers, targets)?;
     *label = route.label.clone();
+    plan_route(snapshot, route, headers, peer, started)
+}
+
+/// A fan-out target's plan: its service or URL as the route, with the group's timeout when that is shorter
+/// than the target's own. The target's own copies are not made: the fan-out is the copy.
+pub fn plan_target(
+    snapshot: &Snapshot,
+    to: &crate::policy::fanout::TargetTo,
+    timeout: Option<Duration>,
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    started: Instant,
+) -> Result<Plan, ProxyError> {
+    use crate::policy::fanout::TargetTo;
+    let route = match to {
+        TargetTo::Service(name) => {
+            let service = snapshot.services.get(&**name).ok_or_else(|| {
+                ProxyError::new(
+                    Cause::UnknownService,
+                    name.to_string(),
+                    format!("no service named {name:?} in the service registry"),
+                )
+            })?;
+            if service.endpoints.is_empty() {
+                return Err(ProxyError::new(
+                    Cause::NoEndpoints,
+                    name.to_string(),
+                    "the service has no endpoints",
+                ));
+            }
+            Route {
+                upstream: Dest::Service(service),
+                patch: &[],
+                rewrite: None,
+                forwarded_for: false,
+                request_timeout: service.request_timeout(),
+                label: SharedString::from(service.name.clone()),
+            }
+        }
+        TargetTo::Url(u) => Route {
+            upstream: Dest::Url(u.clone()),
+            patch: &[],
+            rewrite: None,
+            forwarded_for: false,
+            request_timeout: snapshot.request_timeout,
+            label: SharedString::const_str("external"),
+        },
+    };
+    let route = Route {
+        request_timeout: timeout.map_or(route.request_timeout, |t| t.min(route.request_timeout)),
+        ..route
+    };
+    let mut plan = plan_route(snapshot, route, headers, peer, started)?;
+    plan.copies = None;
+    Ok(plan)
+}
+
+/// A route made into a plan: its live resilience state, copies, hashing key and mesh settings.
+fn plan_route(
+    snapshot: &Snapshot,
+    route: Route<'_>,
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    started: Instant,
+) -> Result<Plan, ProxyError> {
     let (upstreams, target, copies) = match route.upstream {
         Dest::Url(u) => {
             let target = snapshot.external.get(u.authority().as_str());

@@ -281,7 +281,7 @@ pub fn hand_off(
     body: &mut Body,
     shadows: &Shadows,
     meets: &mut Vec<(Arc<Meet>, Arc<Copy>)>,
-) {
+) -> u32 {
     let mut headers = super::attempt::rewrite(primary.plan, primary.headers.clone(), primary.peer);
     if let Ok(v) = HeaderValue::from_str(&primary.plan.upstreams.name()) {
         headers.insert(SHADOW_HEADER, v);
@@ -289,6 +289,7 @@ pub fn hand_off(
     let bodies = copy_bodies(&picked, body);
     let last = picked.len().saturating_sub(1);
     let mut headers = Some(headers);
+    let mut handed = 0;
     for (i, ((copy, dest), body)) in picked.into_iter().zip(bodies).enumerate() {
         // The last copy takes the headers; the others a copy each.
         let headers = if i == last {
@@ -304,7 +305,7 @@ pub fn hand_off(
         let trace = primary.trace.map(|cx| {
             crate::traces::client_span(cx, primary.method, primary.uri, 1, primary.plan.span_query)
         });
-        shadows.offer(CopyJob {
+        let job = CopyJob {
             copy,
             dest,
             method: primary.method.clone(),
@@ -314,8 +315,10 @@ pub fn hand_off(
             trace,
             meet,
             handed: std::time::Instant::now(),
-        });
+        };
+        handed += u32::from(shadows.offer(job));
     }
+    handed
 }
 
 impl Copy {

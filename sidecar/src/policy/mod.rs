@@ -9,6 +9,7 @@ pub mod copies;
 pub mod duration;
 pub mod egress;
 mod errors;
+pub mod fanout;
 pub mod http;
 pub mod locate;
 mod prescan;
@@ -55,6 +56,8 @@ pub struct Policy {
     pub egress: Egress,
     /// Traffic copies of services and URL authorities (a dispatch rule's are in its rewrite).
     pub shadow: ShadowPolicy,
+    /// Fan-out groups: one request sent to several targets.
+    pub fanout: std::sync::Arc<fanout::FanoutPolicy>,
 }
 
 /// The `shadow` lists of services and of URL targets' authorities.

@@ -51,6 +51,8 @@ pub(super) struct RawPolicy {
     mesh: Option<RawMesh>,
     #[serde(default)]
     egress: Option<super::egress::RawEgress>,
+    #[serde(default)]
+    fanout: BTreeMap<String, super::fanout::RawGroup>,
     /// Which file each top-level part came from, for "defined twice" messages.
     #[serde(skip)]
     origin: Origins,
@@ -138,6 +140,7 @@ struct Origins {
     egress: Option<String>,
     file: String,
     services: BTreeMap<String, String>,
+    fanout: BTreeMap<String, String>,
     dispatch: Option<String>,
     listeners: Option<String>,
     defaults: Option<String>,
@@ -269,6 +272,11 @@ impl RawPolicy {
             .keys()
             .map(|k| (k.clone(), file.to_string()))
             .collect();
+        self.origin.fanout = self
+            .fanout
+            .keys()
+            .map(|k| (k.clone(), file.to_string()))
+            .collect();
         self.origin.dispatch = self.dispatch.as_ref().map(|_| file.to_string());
         self.origin.access_log = self.access_log.as_ref().map(|_| file.to_string());
         self.origin.dns = self.dns.as_ref().map(|_| file.to_string());
@@ -345,6 +353,15 @@ impl RawPolicy {
             }
             self.origin.services.insert(name.clone(), b);
             self.services.insert(name, service);
+        }
+        for (name, group) in other.fanout {
+            let b = o.fanout.get(&name).cloned().unwrap_or_default();
+            if let Some(a) = self.origin.fanout.get(&name) {
+                issues.push(twice(&format!("fanout.{name}"), a, &b));
+                continue;
+            }
+            self.origin.fanout.insert(name.clone(), b);
+            self.fanout.insert(name, group);
         }
         if issues.is_empty() {
             Ok(())
@@ -670,6 +687,19 @@ impl RawPolicy {
             let mesh = |s: &str| services.get(s).map(|p: &ServicePolicy| p.mesh);
             super::copies::unknown_services(c, mesh, file, field, &mut issues);
         }
+        let fanout = super::fanout::validate(
+            self.fanout,
+            |group| {
+                self.origin
+                    .fanout
+                    .get(group)
+                    .filter(|f| !f.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| source.to_string())
+            },
+            |s| services.get(s).map(|_| ()),
+            &mut issues,
+        );
 
         if !issues.is_empty() {
             return Err(issues);
@@ -702,6 +732,7 @@ impl RawPolicy {
             mesh,
             egress: egress_policy,
             shadow,
+            fanout: std::sync::Arc::new(fanout),
         })
     }
 }

@@ -656,3 +656,31 @@ impl CopyCounters {
         }
     }
 }
+
+/// One fan-out target's metric handles (labels `group` and `target`), made once in its sidecar's recorder.
+#[derive(Debug, Clone)]
+pub struct FanCounters {
+    pub ok: Counter,
+    pub failed: Counter,
+    pub timeout: Counter,
+    pub cancelled: Counter,
+    pub queue_full: Counter,
+    pub duration: metrics::Histogram,
+}
+
+impl FanCounters {
+    pub fn new(group: &std::sync::Arc<str>, target: &std::sync::Arc<str>) -> Self {
+        use names::{FANOUT_DURATION, FANOUT_SENT};
+        let group = SharedString::from(group.clone());
+        let target = SharedString::from(target.clone());
+        let sent = |outcome: &'static str| metrics::counter!(FANOUT_SENT, "group" => group.clone(), "target" => target.clone(), "outcome" => outcome);
+        Self {
+            ok: sent("ok"),
+            failed: sent("failed"),
+            timeout: sent("timeout"),
+            cancelled: sent("cancelled"),
+            queue_full: sent("queue_full"),
+            duration: metrics::histogram!(FANOUT_DURATION, "group" => group.clone(), "target" => target.clone()),
+        }
+    }
+}

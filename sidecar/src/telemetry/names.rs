@@ -81,6 +81,12 @@ pub const SHADOW_DURATION: &str = "sidecar_shadow_duration_seconds";
 /// Traffic copies whose status class differed from the primary's.
 pub const SHADOW_MISMATCHES: &str = "sidecar_shadow_mismatches_total";
 
+/// Fan-out requests to one target of a group, by outcome.
+pub const FANOUT_SENT: &str = "sidecar_fanout_requests_total";
+
+/// Each fan-out request to one target, until its answer (or failure) was known.
+pub const FANOUT_DURATION: &str = "sidecar_fanout_duration_seconds";
+
 /// Help texts, as Prometheus shows them.
 pub fn describe() {
     use metrics::Unit;
@@ -176,5 +182,14 @@ pub fn describe() {
     metrics::describe_counter!(
         SHADOW_MISMATCHES,
         "Traffic copies whose status class (2xx, 4xx, ...) differed from the primary's."
+    );
+    metrics::describe_counter!(
+        FANOUT_SENT,
+        "Fan-out requests to one target of a group, by outcome (ok: a 2xx; failed; timeout; cancelled: another target won first_success; queue_full: refused in async mode)."
+    );
+    metrics::describe_histogram!(
+        FANOUT_DURATION,
+        Unit::Seconds,
+        "Fan-out requests to one target, until its response head or its failure."
     );
 }
