@@ -63,6 +63,8 @@ struct Tasks {
     fanouts: crate::control::fanout::Fanouts,
     /// How long a graceful stop waits for them: the policy's drain timeout.
     drain_timeout: std::time::Duration,
+    /// The threads of the shadow and fan-out actors, stopped last.
+    arbiters: Vec<actix_rt::Arbiter>,
 }
 
 impl Tasks {
@@ -119,12 +121,13 @@ impl Running {
 
 async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) {
     draining.store(true, Ordering::Release);
-    let (handles, fanouts, timeout) = {
+    let (handles, fanouts, timeout, arbiters) = {
         let mut t = tasks.borrow_mut();
         (
             std::mem::take(&mut t.handles),
             t.fanouts.clone(),
             t.drain_timeout,
+            std::mem::take(&mut t.arbiters),
         )
     };
     let (admin, egress): (Vec<_>, Vec<_>) = handles.into_iter().partition(|(_, admin, _)| *admin);
@@ -138,6 +141,10 @@ async fn drain(tasks: &Rc<RefCell<Tasks>>, draining: &Draining, graceful: bool) 
     }
     for (_, _, handle) in admin {
         handle.stop(graceful).await;
+    }
+    // Copies still in flight are abandoned with their threads: a copy is never worth holding an exit for.
+    for arbiter in arbiters {
+        arbiter.stop();
     }
 }
 
@@ -782,7 +789,7 @@ fn start_in(
     metrics.start(crate::control::monitor::Monitor::new(snapshot.clone()));
     metrics.start(crate::control::discovery::Discovery::new(snapshot.clone()));
     // Traffic copies are sent from a thread of their own: no copy shares a worker's event loop. It runs even
-    // while no policy asks for copies, so that a reload can add some; it stops with the actix system.
+    // while no policy asks for copies, so that a reload can add some; it stops when the sidecar has drained.
     // So are the fan-outs answered 202 at once: they outlive the connection that brought them.
     {
         let (snapshot, tls) = (snapshot.clone(), tls.clone());
@@ -796,6 +803,7 @@ fn start_in(
         if !started {
             tracing::warn!("cannot start the fan-out thread: async fan-outs are refused (503)");
         }
+        tasks.borrow_mut().arbiters.push(arbiter);
     }
     {
         let (pool, hub) = (snapshot.load().pool.clone(), snapshot.load().hub.clone());
@@ -808,6 +816,7 @@ fn start_in(
         if !started {
             tracing::warn!("cannot start the shadow thread: traffic copies are dropped");
         }
+        tasks.borrow_mut().arbiters.push(arbiter);
     }
     metrics.start(crate::control::health::HealthChecker::new(
         snapshot.clone(),

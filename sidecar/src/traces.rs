@@ -210,16 +210,7 @@ pub fn client_span(
     let Some(traces) = get() else {
         return parent.clone();
     };
-    let url = if query {
-        uri.to_string()
-    } else {
-        let authority = uri.authority().map_or("", |a| a.as_str());
-        format!(
-            "{}://{authority}{}",
-            uri.scheme_str().unwrap_or("http"),
-            uri.path()
-        )
-    };
+    let url = span_url(uri, query);
     let mut attributes = vec![
         KeyValue::new("http.request.method", method.as_str().to_string()),
         KeyValue::new("server.address", uri.host().unwrap_or_default().to_string()),
@@ -242,6 +233,64 @@ pub fn client_span(
         .start_with_context(&traces.tracer, parent);
     let parent_id = ParentSpanId(parent.span().span_context().span_id());
     parent.with_span(span).with_value(parent_id)
+}
+
+/// The span of one traffic copy, child of the server span: named by its method like an attempt, marked with
+/// the copy's name; the shadow actor adds its peer (`set_peer`) once it has chosen the endpoint.
+pub fn copy_span(parent: &Context, method: &actix_http::Method, copy: &str) -> Context {
+    let Some(traces) = get() else {
+        return parent.clone();
+    };
+    let span = traces
+        .tracer
+        .span_builder(method.as_str().to_string())
+        .with_kind(SpanKind::Client)
+        .with_attributes(vec![
+            KeyValue::new("http.request.method", method.as_str().to_string()),
+            KeyValue::new("sidecar.shadow.copy", copy.to_string()),
+        ])
+        .start_with_context(&traces.tracer, parent);
+    let parent_id = ParentSpanId(parent.span().span_context().span_id());
+    parent.with_span(span).with_value(parent_id)
+}
+
+/// `url.full` of a client span: without the query unless `query`.
+fn span_url(uri: &actix_http::Uri, query: bool) -> String {
+    if query {
+        return uri.to_string();
+    }
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    format!(
+        "{}://{authority}{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.path()
+    )
+}
+
+/// Names a client span's peer once it is chosen: a traffic copy's span begins on the request path, and the
+/// shadow actor picks the copy's endpoint afterwards.
+pub fn set_peer(cx: &Context, uri: &actix_http::Uri, query: bool) {
+    let span = cx.span();
+    if !span.is_recording() {
+        return;
+    }
+    let url = span_url(uri, query);
+    span.set_attribute(KeyValue::new(
+        "server.address",
+        uri.host().unwrap_or_default().to_string(),
+    ));
+    if let Some(port) = uri.port_u16() {
+        span.set_attribute(KeyValue::new("server.port", i64::from(port)));
+    }
+    span.set_attribute(KeyValue::new("url.full", url));
+}
+
+/// Ends a span that did not get an answer, with why (`concurrency`, `timeout`, ...).
+pub fn end_span_failed(cx: &Context, reason: &'static str) {
+    let span = cx.span();
+    span.set_attribute(KeyValue::new("error.type", reason));
+    span.set_status(Status::error(reason));
+    span.end();
 }
 
 /// The span of one fan-out target, child of the server span: the target's attempts are its children, so a

@@ -442,3 +442,84 @@ async fn each_fan_out_target_is_a_branch_of_the_requests_trace() {
     drop(sidecar);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[actix_rt::test]
+async fn a_shadow_copy_is_a_client_span_of_the_request_naming_the_copys_endpoint() {
+    let (collector, spans, arrived) = receiver().await;
+    let (primary, copy) = (RawUpstream::ok().await, RawUpstream::ok().await);
+    let dir = std::env::temp_dir().join(format!("sidecar-shadow-traces-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "services:\n  orders:\n    endpoints: ['{}']\n    shadow:\n      - to: '{}'\n",
+            primary.addr,
+            copy.url("")
+        ),
+    )
+    .unwrap();
+    let mut cmd = sidecar_bin();
+    cmd.arg("--policy")
+        .arg(&policy)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        .env_remove("SIDECAR_CONFIG")
+        .current_dir(std::env::temp_dir());
+    let sidecar = SidecarProcess::spawn(cmd);
+
+    let reply = get(
+        sidecar.addr,
+        "/items?token=secret",
+        &[("target", "orders"), ("internal", "true")],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    tokio::time::timeout(support::DEADLINE, async {
+        while spans.lock().unwrap().len() < 3 {
+            arrived.notified().await;
+        }
+    })
+    .await
+    .expect("the spans reached the collector");
+    let spans: Vec<Span> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s)| s.clone())
+        .collect();
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .expect("a server span");
+    let clients: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .collect();
+    assert_eq!(clients.len(), 2, "the primary's attempt and the copy");
+    assert!(clients.iter().all(|c| c.parent_span_id == server.span_id));
+    let copy_span = clients
+        .iter()
+        .find(|c| attribute(c, "sidecar.shadow.copy").is_some())
+        .unwrap_or_else(|| panic!("a span is the copy's: {clients:?}"));
+    let keys: Vec<&str> = copy_span
+        .attributes
+        .iter()
+        .map(|kv| kv.key.as_str())
+        .collect();
+    let mut unique = keys.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), keys.len(), "no attribute twice: {keys:?}");
+    let url = attribute(copy_span, "url.full").unwrap();
+    assert_eq!(url, copy.url("/items"), "the copy's endpoint, no query");
+    let received = &copy.wait_for(1).await[0];
+    assert!(
+        received
+            .header("traceparent")
+            .is_some_and(|t| t.contains(&hex(&copy_span.span_id))),
+        "the copy continues the trace from its span"
+    );
+    drop(sidecar);
+    let _ = std::fs::remove_dir_all(&dir);
+}

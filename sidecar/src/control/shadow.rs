@@ -99,6 +99,8 @@ pub struct CopyJob {
     pub body: CopyBody,
     /// The copy's span, child of the request's server span.
     pub trace: Option<opentelemetry::Context>,
+    /// Whether the span's `url.full` may carry the query (the access log's `query`).
+    pub span_query: bool,
     pub meet: Option<Arc<Meet>>,
     pub handed: Instant,
 }
@@ -124,6 +126,9 @@ impl Shadows {
         refused.copy.counters().queue_full.increment(1);
         if let Some(meet) = &refused.meet {
             meet.copy(0, &refused.copy);
+        }
+        if let Some(cx) = &refused.trace {
+            crate::traces::end_span_failed(cx, "queue-full");
         }
         false
     }
@@ -224,30 +229,35 @@ impl Handler<CopyJob> for Shadower {
     fn handle(&mut self, job: CopyJob, _: &mut Self::Context) {
         let copy = job.copy.clone();
         let counters = copy.counters().clone();
-        let drop_with = |counter: &metrics::Counter, job: &CopyJob| {
+        let drop_with = |counter: &metrics::Counter, job: &CopyJob, reason: &'static str| {
             counter.increment(1);
             if let Some(meet) = &job.meet {
                 meet.copy(0, &job.copy);
             }
+            if let Some(cx) = &job.trace {
+                crate::traces::end_span_failed(cx, reason);
+            }
         };
         let state = self.state(&copy);
         if state.in_flight.get() >= copy.max_concurrency {
-            return drop_with(&counters.concurrency, &job);
+            return drop_with(&counters.concurrency, &job, "concurrency");
         }
         let ticket = match state.breaker.as_ref().map(Breaker::admit) {
             None => None,
             Some(Admit::Pass(t)) => Some(t),
-            Some(Admit::Refuse(_)) => return drop_with(&counters.circuit_open, &job),
+            Some(Admit::Refuse(_)) => {
+                return drop_with(&counters.circuit_open, &job, "circuit-open");
+            }
         };
         let upstream = match &job.dest {
             CopyDest::Url(u) => u.as_ref().clone(),
             CopyDest::Service(s) => match s.pick(None, None) {
                 Some(i) => s.endpoints[i].upstream.clone(),
-                None => return drop_with(&counters.no_endpoint, &job),
+                None => return drop_with(&counters.no_endpoint, &job, "no-endpoint"),
             },
         };
         let Ok(target) = upstream.uri_for(&job.uri) else {
-            return drop_with(&counters.no_endpoint, &job);
+            return drop_with(&counters.no_endpoint, &job, "no-endpoint");
         };
         let mut headers = job.headers;
         let host = if copy.host_suffix {
@@ -257,6 +267,7 @@ impl Handler<CopyJob> for Shadower {
         };
         headers.insert(HOST, host);
         if let Some(cx) = &job.trace {
+            crate::traces::set_peer(cx, &target, job.span_query);
             let mut extra = HeaderMap::new();
             crate::traces::inject(cx, &headers, &mut extra);
             for (k, v) in extra {
@@ -311,9 +322,10 @@ impl Handler<CopyJob> for Shadower {
             };
             let outcome = tokio::time::timeout(copy.timeout, sending).await;
             in_flight.set(in_flight.get().saturating_sub(1));
-            let status = match outcome {
-                Ok(Ok(status)) => Some(status),
-                _ => None,
+            let (status, failure) = match outcome {
+                Ok(Ok(status)) => (Some(status), ""),
+                Ok(Err(())) => (None, "failed"),
+                Err(_) => (None, "timeout"),
             };
             if let Some(ticket) = ticket {
                 ticket.record(status.is_none_or(|s| s.is_server_error()));
@@ -327,7 +339,10 @@ impl Handler<CopyJob> for Shadower {
                 meet.copy(status.map_or(0, |s| s.as_u16()), &copy);
             }
             if let Some(cx) = &trace {
-                crate::traces::end_client_span(cx, status.ok_or(crate::error::Cause::TryTimeout));
+                match status {
+                    Some(status) => crate::traces::end_client_span(cx, Ok(status)),
+                    None => crate::traces::end_span_failed(cx, failure),
+                }
             }
         });
     }

@@ -302,9 +302,9 @@ pub fn hand_off(
             meets.push((m.clone(), copy.clone()));
             m
         });
-        let trace = primary.trace.map(|cx| {
-            crate::traces::client_span(cx, primary.method, primary.uri, 1, primary.plan.span_query)
-        });
+        let trace = primary
+            .trace
+            .map(|cx| crate::traces::copy_span(cx, primary.method, &copy.name));
         let job = CopyJob {
             copy,
             dest,
@@ -313,6 +313,7 @@ pub fn hand_off(
             headers,
             body,
             trace,
+            span_query: primary.plan.span_query,
             meet,
             handed: std::time::Instant::now(),
         };
