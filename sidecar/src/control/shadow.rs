@@ -245,7 +245,8 @@ impl Handler<CopyJob> for Shadower {
         let ticket = match state.breaker.as_ref().map(Breaker::admit) {
             None => None,
             Some(Admit::Pass(t)) => Some(t),
-            Some(Admit::Refuse(_)) => {
+            Some(Admit::Refuse(wait)) => {
+                copy.gate.refuse_until(self.hub.clock.now() + wait);
                 return drop_with(&counters.circuit_open, &job, "circuit-open");
             }
         };
@@ -278,6 +279,7 @@ impl Handler<CopyJob> for Shadower {
         *request.headers_mut() = headers;
         let in_flight = state.in_flight.clone();
         in_flight.set(in_flight.get() + 1);
+        copy.gate.started();
         let (meet, trace, handed, body) = (job.meet, job.trace, job.handed, job.body);
         actix_rt::spawn(async move {
             let sending = async move {
@@ -322,6 +324,7 @@ impl Handler<CopyJob> for Shadower {
             };
             let outcome = tokio::time::timeout(copy.timeout, sending).await;
             in_flight.set(in_flight.get().saturating_sub(1));
+            copy.gate.finished();
             let (status, failure) = match outcome {
                 Ok(Ok(status)) => (Some(status), ""),
                 Ok(Err(())) => (None, "failed"),

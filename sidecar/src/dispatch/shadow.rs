@@ -199,8 +199,21 @@ pub fn pick(
         return Vec::new();
     };
     let mut picked = Vec::new();
+    let mut now = None;
     for copy in copies.iter() {
         if !copy.methods.allows(method) || !sampled(copy, headers) {
+            continue;
+        }
+        // What the actor would drop is dropped here, with no hand-off.
+        if copy.gate.full(copy.max_concurrency) {
+            copy.counters().concurrency.increment(1);
+            continue;
+        }
+        if copy
+            .gate
+            .refusing(*now.get_or_insert_with(|| snapshot.hub.clock.now()))
+        {
+            copy.counters().circuit_open.increment(1);
             continue;
         }
         let dest = match &copy.to {

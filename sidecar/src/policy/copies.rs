@@ -4,8 +4,9 @@
 //! Owns: the serde mirror of a copy and its checks, turning it into a [`Copy`]. Does not own: sampling and
 //! teeing the body ([`crate::dispatch::shadow`]) or sending copies ([`crate::control::shadow`]).
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_http::Method;
 use actix_http::header::HeaderName;
@@ -90,6 +91,63 @@ pub struct Copy {
     pub compare: bool,
     /// The copy's metric handles, made on first use in its sidecar's recorder.
     pub counters: OnceLock<crate::telemetry::CopyCounters>,
+    /// What the request path reads of the copy's state, kept by the shadow actor.
+    pub gate: Gate,
+}
+
+/// A copy's state as the request path sees it, written by the shadow actor: the copies in flight, and until
+/// when the copy's breaker refuses. A copy that the actor would drop is dropped before it is handed off, so a
+/// dead or hanging copy costs a request two atomic loads, not a hand-off and a wake-up of the actor's thread.
+/// The actor still decides: these are read without ordering and may be a moment stale.
+#[derive(Debug)]
+pub struct Gate {
+    base: Instant,
+    in_flight: AtomicUsize,
+    /// Nanoseconds past `base` until which the breaker refuses; 0 when it does not.
+    refused_until: AtomicU64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            refused_until: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Gate {
+    /// Whether `max` copies are in flight.
+    pub fn full(&self, max: usize) -> bool {
+        self.in_flight.load(Ordering::Relaxed) >= max
+    }
+
+    /// Whether the breaker refuses at `now`.
+    pub fn refusing(&self, now: Instant) -> bool {
+        let until = self.refused_until.load(Ordering::Relaxed);
+        until != 0 && self.nanos(now) < until
+    }
+
+    /// The breaker refuses until `at`.
+    pub fn refuse_until(&self, at: Instant) {
+        self.refused_until
+            .store(self.nanos(at).max(1), Ordering::Relaxed);
+    }
+
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn finished(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 impl PartialEq for Copy {
@@ -236,6 +294,7 @@ pub(super) fn validate(
             host_suffix: c.host_suffix.unwrap_or(false),
             compare: c.compare.unwrap_or(false),
             counters: OnceLock::new(),
+            gate: Gate::default(),
         }));
     }
     Some(copies.into())
@@ -277,6 +336,24 @@ pub fn same(a: &Option<Copies>, b: &Option<Copies>) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::policy::Policy;
+
+    #[test]
+    fn a_gate_refuses_until_the_breakers_instant_and_counts_what_is_in_flight() {
+        let gate = super::Gate::default();
+        let now = std::time::Instant::now();
+        assert!(!gate.refusing(now), "a new gate lets copies through");
+        gate.refuse_until(now + std::time::Duration::from_secs(1));
+        assert!(gate.refusing(now));
+        assert!(!gate.refusing(now + std::time::Duration::from_secs(1)));
+        assert!(!gate.full(1));
+        gate.started();
+        assert!(gate.full(1));
+        gate.finished();
+        gate.finished();
+        assert!(!gate.full(1), "never below zero");
+        gate.started();
+        assert!(gate.full(1));
+    }
 
     fn refused(yaml: &str) -> String {
         Policy::from_yaml("t.yaml", yaml).unwrap_err().to_string()
